@@ -1,0 +1,25 @@
+"""Algorithms, one module each. ``ADAPTERS`` is the registry: the first whose keys are present builds the adapter."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import UnsupportedLayerError
+from .base import Adapter, LayerOp, TargetInfo
+from .lora import LoraAdapter
+
+ADAPTERS: list[type[Adapter]] = [LoraAdapter]
+
+__all__ = ["ADAPTERS", "Adapter", "LayerOp", "TargetInfo", "build_adapter", "LoraAdapter"]
+
+
+def build_adapter(params: Mapping[str, torch.Tensor], target: TargetInfo) -> tuple[Adapter, list[str]]:
+    """The adapter for one file module, and the parameter names it did not use (reported, never dropped)."""
+    for cls in ADAPTERS:
+        adapter = cls.load(params, target)
+        if adapter is not None:
+            return adapter, sorted(set(params) - cls.keys)
+    names = ", ".join(sorted(params))
+    supported = ", ".join(c.algorithm for c in ADAPTERS)
+    raise UnsupportedLayerError(f"{target.name}: no supported algorithm uses the keys [{names}] (supported: {supported})")

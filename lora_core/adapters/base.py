@@ -1,0 +1,138 @@
+"""What every algorithm shares: the layer's functional op, and the Adapter interface.
+
+An Adapter holds one file's tensors for one target layer. It is immutable; the strength (multiplier) is
+never stored in it but applied by the Patcher, because every algorithm's change is linear in its multiplier:
+``W(m) = W0 + m * delta_weight(W0)`` and, in bypass form, ``y(m) = y0 + m * op(x, delta_weight)`` or the
+cheaper low-rank ``y0 + m * h(x)`` where an algorithm has one.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+
+Bypass = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """How a layer turns its input into output given a weight (and bias): computed once per layer."""
+
+    kind: str  # 'linear', 'conv2d', 'group_norm', 'layer_norm'
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, module: nn.Module, part: str | None = None) -> "LayerOp":
+        if isinstance(module, nn.MultiheadAttention) or isinstance(module, nn.Linear):
+            return cls("linear")
+        if isinstance(module, nn.Conv2d):
+            return cls("conv2d", {"stride": module.stride, "padding": module.padding,
+                                  "dilation": module.dilation, "groups": module.groups})
+        if isinstance(module, nn.GroupNorm):
+            return cls("group_norm", {"num_groups": module.num_groups, "eps": module.eps})
+        if isinstance(module, nn.LayerNorm):
+            return cls("layer_norm", {"normalized_shape": module.normalized_shape, "eps": module.eps})
+        raise UnsupportedLayerError(f"layer type {type(module).__name__} is not supported")
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "conv2d":
+            return F.conv2d(x, weight, bias, **self.kwargs)
+        if self.kind == "group_norm":
+            return F.group_norm(x, self.kwargs["num_groups"], weight, bias, self.kwargs["eps"])
+        return F.layer_norm(x, self.kwargs["normalized_shape"], weight, bias, self.kwargs["eps"])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind == "conv2d"
+
+    @property
+    def is_norm(self) -> bool:
+        return self.kind in ("group_norm", "layer_norm")
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What an adapter may know of its target when it is loaded: the weight's shape and the op."""
+
+    name: str
+    shape: tuple[int, ...]
+    op: LayerOp
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def fit_shape(delta: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """Reshape a delta to the target's shape (a 1x1 conv and a linear layer hold the same numbers)."""
+    if tuple(delta.shape) == tuple(shape):
+        return delta
+    if delta.numel() != numel(shape):
+        raise UnsupportedLayerError(f"{what}: the file gives shape {tuple(delta.shape)}, the layer has {tuple(shape)}")
+    return delta.reshape(shape)
+
+
+class Adapter(ABC):
+    """One algorithm's weights for one layer."""
+
+    algorithm: ClassVar[str]
+    #: parameter names (as in the file, after key normalisation) this algorithm reads
+    keys: ClassVar[frozenset[str]]
+
+    @classmethod
+    @abstractmethod
+    def load(cls, params: Mapping[str, torch.Tensor], target: TargetInfo) -> "Adapter | None":
+        """Build from the tensors of one file module; None when this algorithm's keys are absent."""
+
+    @abstractmethod
+    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
+        """The change of the weight at multiplier 1, in float32 on ``base``'s device, shaped like ``base``."""
+
+    def delta_bias(self, base_bias: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """The change of the bias at multiplier 1 (float32), or None."""
+        return None
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the delta depends on the layer's own weight (DoRA, OFT, IA3): then it is computed per layer."""
+        return False
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        """``h(x)`` at multiplier 1 without forming the full delta, or None when the algorithm has no such form."""
+        return None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this adapter holds (for memory accounting)."""
+        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+
+    def bypass(self, op: LayerOp, base: torch.Tensor, base_bias: torch.Tensor | None,
+               dtype: torch.dtype, dyn: int | None) -> Bypass:
+        """``h(x)`` with ``y(m) = y0 + m * h(x)``; the dense fallback computes the delta once."""
+        fast = self.low_rank_bypass(op, base.device, dtype, dyn)
+        if fast is not None:
+            return fast
+        dw = self.delta_weight(base.float(), dyn).to(dtype)
+        db = self.delta_bias(base_bias, base.device)
+        db = None if db is None else db.to(dtype)
+        # every op is linear in (weight, bias), norms through their affine part: op(x; W0+dW) = op(x; W0) + op(x; dW)
+        return lambda x: op(x, dw, db)
+
+
+def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device=device, dtype=torch.float32)
+
+
+def scalar(t: torch.Tensor | None) -> float | None:
+    return None if t is None else float(t.reshape(-1)[0].item())

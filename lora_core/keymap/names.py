@@ -1,0 +1,74 @@
+"""File key -> (canonical module name, parameter name).
+
+The canonical module name is kohya's: ``lora_unet_<path>``, ``lora_te_<path>``, ``lora_te1_``/``lora_te2_``,
+with dots of the module path written as underscores. Diffusers/PEFT files name the same modules with dots and
+other parameter names (``lora_A``/``lora_B``, ``lora.down``/``lora.up``, ``lora_linear_layer.down``,
+``processor.to_q_lora.down``); they are brought to kohya's form here so one resolver serves every format.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# diffusers / PEFT top-level prefixes -> kohya module prefix
+DOTTED_PREFIXES = (
+    ("unet.", "lora_unet_"),
+    ("text_encoder_2.", "lora_te2_"),
+    ("text_encoder.", "lora_te1_"),
+    ("base_model.model.", "lora_unet_"),  # a PEFT model's own state dict around a UNet
+)
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+# LoRA parameter spellings of diffusers/PEFT -> kohya's
+_PARAM_ALIASES = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_A.default.weight": "lora_down.weight",
+    "lora_B.default.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+    "lora_magnitude_vector.weight": "dora_scale",
+    "lora_magnitude_vector.default.weight": "dora_scale",
+    "lora_magnitude_vector.default": "dora_scale",
+}
+# longest first, so 'lora_A.default.weight' wins over a shorter match
+_DOTTED_PARAM_TAILS = sorted(list(_PARAM_ALIASES) + ["alpha", "lora_mid.weight", "lora_up.weight",
+                                                     "lora_down.weight", "dora_scale"], key=len, reverse=True)
+_PROCESSOR = re.compile(r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<p>down|up)\.weight$")
+
+
+@dataclass(frozen=True)
+class KeyName:
+    module: str  # canonical kohya-style module name
+    param: str  # kohya-style parameter name, e.g. 'lora_up.weight', 'hada_w1_a', 'alpha'
+
+
+def _from_dotted(key: str, prefix: str, kohya: str) -> KeyName | None:
+    rest = key[len(prefix):]
+    m = _PROCESSOR.match(rest)
+    if m:
+        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+        return KeyName(kohya + (m["mod"] + "." + proj).replace(".", "_"), f"lora_{m['p']}.weight")
+    for tail in _DOTTED_PARAM_TAILS:
+        if rest.endswith("." + tail):
+            mod = rest[: -len(tail) - 1]
+            return KeyName(kohya + mod.replace(".", "_"), _PARAM_ALIASES.get(tail, tail))
+    return None
+
+
+def parse_key(key: str) -> KeyName | None:
+    """Split a file key into its canonical module name and parameter; None when the key is not a network key."""
+    for prefix, kohya in DOTTED_PREFIXES:
+        if key.startswith(prefix):
+            return _from_dotted(key, prefix, kohya)
+    for kohya in KOHYA_PREFIXES:
+        if key.startswith(kohya):
+            module, _, param = key.partition(".")
+            if not param:
+                return None
+            return KeyName(module, _PARAM_ALIASES.get(param, param))
+    return None

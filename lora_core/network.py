@@ -1,0 +1,116 @@
+"""A network: one LoRA/LyCORIS file mapped onto one loaded model, as adapters per target layer.
+
+``load_network`` reads only the tensors of keys that map to a layer, refuses a file made for another model
+family, and reports everything it did not use: unmatched keys, unknown keys, parameters no algorithm read, and
+layers whose shapes do not fit.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
+from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
+from .io import open_lora
+from .keymap import detect_file_family, map_keys
+from .model_index import FAMILIES, ModelIndex, Target
+from .patch import PlanEntry
+
+
+@dataclass
+class MappingReport:
+    """What became of every key of the file."""
+
+    used: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # network keys naming no layer of this model
+    unknown: list[str] = field(default_factory=list)  # keys that are no network keys
+    unused: list[str] = field(default_factory=list)  # keys of matched layers that no algorithm reads
+    problems: dict[str, str] = field(default_factory=dict)  # layer -> shape mismatch / unsupported message
+
+    @property
+    def total(self) -> int:
+        return len(self.used) + len(self.unmatched) + len(self.unknown) + len(self.unused)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.used)}/{self.total} keys used"]
+        if self.unmatched:
+            parts.append(f"{len(self.unmatched)} matched no layer (e.g. {self.unmatched[0]})")
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} unknown (e.g. {self.unknown[0]})")
+        if self.unused:
+            parts.append(f"{len(self.unused)} unused (e.g. {self.unused[0]})")
+        if self.problems:
+            first = next(iter(self.problems.items()))
+            parts.append(f"{len(self.problems)} layers skipped ({first[1]})")
+        return "; ".join(parts)
+
+
+@dataclass
+class Network:
+    name: str
+    path: str
+    family: str | None
+    metadata: dict[str, str]
+    adapters: dict[Target, Adapter]
+    report: MappingReport
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def algorithms(self) -> dict[str, int]:
+        return dict(Counter(a.algorithm for a in self.adapters.values()))
+
+    def plan(self, index: ModelIndex, te: float, unet: float, dyn: int | None = None,
+             layer_scale: "callable | None" = None) -> list[PlanEntry]:
+        """Plan entries for this network: te/unet multiplier by component, times ``layer_scale(target)``."""
+        entries = []
+        for target, adapter in self.adapters.items():
+            m = te if index.is_text_encoder(target) else unet
+            if layer_scale is not None:
+                m *= layer_scale(target)
+            entries.append(PlanEntry(adapter, target, m, dyn, self.name))
+        return entries
+
+
+def _target_info(index: ModelIndex, target: Target) -> TargetInfo:
+    return TargetInfo(str(target), index.weight_shape(target), LayerOp.of(index.module(target), target.part))
+
+
+def load_network(path: str | PathLike, index: ModelIndex, name: str | None = None) -> Network:
+    """Read ``path`` and build its adapters for the model of ``index``.
+
+    Raises LoraFileError (unreadable file, NaN/Inf), FamilyMismatchError (a LoRA for another family) and
+    KeyMappingError (nothing in the file fits this model).
+    """
+    path = Path(path)
+    name = name or path.stem
+    with open_lora(path) as f:
+        keys: Sequence[str] = list(f.keys())
+        metadata = dict(f.metadata)
+        family = detect_file_family(keys, metadata, f.shape)
+        if family is not None and index.family in FAMILIES and family != index.family:
+            raise FamilyMismatchError(str(path), family, index.family)
+        keymap = map_keys(keys, index)
+        report = MappingReport(unmatched=list(keymap.unmatched), unknown=list(keymap.unknown))
+        adapters: dict[Target, Adapter] = {}
+        for target, group in keymap.groups.items():
+            params = {p: f.get(k) for p, k in group.params.items()}
+            try:
+                adapter, unused = build_adapter(params, _target_info(index, target))
+            except UnsupportedLayerError as e:
+                report.problems[str(target)] = str(e)
+                report.unused.extend(group.params.values())
+                continue
+            adapters[target] = adapter
+            report.unused.extend(group.params[p] for p in unused)
+            report.used.extend(k for p, k in group.params.items() if p not in unused)
+        embeddings = {emb: {vec: f.get(k) for vec, k in vecs.items()} for emb, vecs in keymap.embeddings.items()}
+        report.used.extend(k for vecs in keymap.embeddings.values() for k in vecs.values())
+    if not adapters and not embeddings:
+        example = (report.unmatched or report.unknown or list(report.problems.values()) or ["the file is empty"])[0]
+        raise KeyMappingError(f"{path}: none of its {len(keys)} keys fits a layer of the loaded "
+                              f"{index.family.upper()} model (e.g. {example})")
+    return Network(name, str(path), family, metadata, adapters, report, embeddings)

@@ -1,0 +1,367 @@
+"""The Patcher: the only code that changes what the loaded model computes.
+
+Per instance of the model (forward hooks on the touched modules, never a class-level patch), in two modes:
+
+- ``bypass``: weights never change; a forward hook adds ``sum_i m_i * h_i(x)`` to the layer's output
+  (``nn.MultiheadAttention`` is recomputed with ``W0 + sum_i m_i dW_i``). Changing only multipliers costs no
+  tensor work: the hooks read the multipliers from the layer's state.
+- ``merged``: ``W = W0 + sum_i m_i dW_i`` computed in float32 on the layer's device and cast back. Only the
+  touched weights are backed up; restore copies them back, so it is bit-exact; non-finite results are refused.
+  Layers stored in float8 (A1111's FP8 mode) use bypass even in merged mode.
+
+Applying the same plan twice does nothing (fingerprint). Any failure while applying restores the model to its
+original weights before the error propagates; ``with Patcher(index) as p:`` restores in ``finally``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.base import Adapter, Bypass, LayerOp
+from .errors import NonFiniteWeightError, UnsupportedLayerError
+from .model_index import MHA_PARTS, ModelIndex, Target
+
+MODES = ("bypass", "merged")
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One adapter on one target at one strength."""
+
+    adapter: Adapter
+    target: Target
+    multiplier: float
+    dyn: int | None = None
+    label: str = ""  # who asked (network name), for messages
+
+    def structure_key(self) -> tuple:
+        return (id(self.adapter), self.target, self.dyn)
+
+
+@dataclass
+class _Layer:
+    """What the Patcher did to one module, so it can update or undo it."""
+
+    name: str
+    module: nn.Module
+    mode: str
+    entries: list[PlanEntry]
+    multipliers: list[float]
+    backups: dict[str, torch.Tensor | None] = field(default_factory=dict)  # param path -> original (merged)
+    created: list[str] = field(default_factory=list)  # param paths created (a bias the layer did not have)
+    hook: torch.utils.hooks.RemovableHandle | None = None
+    prepared: dict[tuple, list] = field(default_factory=dict)  # (device, dtype) -> bypass functions / deltas
+
+    def structure(self) -> tuple:
+        return (self.mode, tuple(e.structure_key() for e in self.entries))
+
+
+def _param_paths(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    if isinstance(module, nn.MultiheadAttention):
+        return {"in_proj_weight": (module, "in_proj_weight"), "in_proj_bias": (module, "in_proj_bias"),
+                "out_proj.weight": (module.out_proj, "weight"), "out_proj.bias": (module.out_proj, "bias")}
+    return {"weight": (module, "weight"), "bias": (module, "bias")}
+
+
+def _is_fp8(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dtype in _FP8
+
+
+class Patcher:
+    """Applies plans of adapters to one model instance, and restores it exactly."""
+
+    def __init__(self, index: ModelIndex):
+        self.index = index
+        self._layers: dict[str, _Layer] = {}
+        self._fingerprint: tuple | None = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def active(self) -> bool:
+        return bool(self._layers)
+
+    @property
+    def touched(self) -> list[str]:
+        return sorted(self._layers)
+
+    def layer_mode(self, name: str) -> str | None:
+        layer = self._layers.get(name)
+        return None if layer is None else layer.mode
+
+    def apply(self, plan: Iterable[PlanEntry], mode: str = "bypass") -> None:
+        """Make the model compute ``plan``. Cheap when only multipliers changed in bypass mode."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        plan = [e for e in plan if e.target.module in self.index.modules]
+        fingerprint = (mode, tuple((e.structure_key(), e.multiplier) for e in plan))
+        if fingerprint == self._fingerprint:
+            return
+        by_module: dict[str, list[PlanEntry]] = defaultdict(list)
+        for entry in plan:
+            by_module[entry.target.module].append(entry)
+        try:
+            with torch.no_grad():
+                for name in [n for n in self._layers if n not in by_module]:
+                    self._restore_layer(self._layers.pop(name))
+                for name, entries in by_module.items():
+                    self._update_layer(name, entries, mode)
+        except BaseException:
+            self.restore()
+            raise
+        self._fingerprint = fingerprint
+
+    def restore(self) -> None:
+        """Undo everything: hooks removed, merged weights copied back bit for bit."""
+        errors: list[BaseException] = []
+        with torch.no_grad():
+            for layer in list(self._layers.values()):
+                try:
+                    self._restore_layer(layer)
+                except BaseException as e:  # keep restoring the others, then report
+                    errors.append(e)
+        self._layers.clear()
+        self._fingerprint = None
+        if errors:
+            raise errors[0]
+
+    def forget(self) -> None:
+        """Drop all state without writing weights back: for when the host has replaced the weights itself
+        (a checkpoint loaded into the same model object), so the backups are stale. Hooks are removed."""
+        for layer in self._layers.values():
+            if layer.hook is not None:
+                layer.hook.remove()
+            paths = _param_paths(layer.module)
+            for path in layer.created:
+                owner, attr = paths[path]
+                setattr(owner, attr, None)
+        self._layers.clear()
+        self._fingerprint = None
+
+    def __enter__(self) -> "Patcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    # ------------------------------------------------------------------ per layer
+    def _layer_mode(self, module: nn.Module, mode: str) -> str:
+        if mode == "merged" and any(_is_fp8(getattr(owner, attr, None))
+                                    for owner, attr in _param_paths(module).values()):
+            return "bypass"
+        return mode
+
+    def _update_layer(self, name: str, entries: list[PlanEntry], mode: str) -> None:
+        module = self.index.modules[name]
+        layer_mode = self._layer_mode(module, mode)
+        old = self._layers.get(name)
+        new_structure = (layer_mode, tuple(e.structure_key() for e in entries))
+        multipliers = [e.multiplier for e in entries]
+        if old is not None and old.structure() == new_structure:
+            if old.multipliers == multipliers:
+                return
+            if layer_mode == "bypass":
+                old.multipliers[:] = multipliers  # the hook reads them: no tensor work
+                return
+        if old is not None:
+            self._restore_layer(self._layers.pop(name))
+        layer = _Layer(name, module, layer_mode, list(entries), multipliers)
+        self._layers[name] = layer  # registered first, so a failure below is undone by restore()
+        if layer_mode == "merged":
+            self._merge(layer)
+        else:
+            self._hook(layer)
+
+    def _restore_layer(self, layer: _Layer) -> None:
+        if layer.hook is not None:
+            layer.hook.remove()
+            layer.hook = None
+        paths = _param_paths(layer.module)
+        for path, original in layer.backups.items():
+            owner, attr = paths[path]
+            getattr(owner, attr).copy_(original)
+        for path in layer.created:
+            owner, attr = paths[path]
+            setattr(owner, attr, None)
+        layer.backups.clear()
+        layer.created.clear()
+
+    # ------------------------------------------------------------------ merged
+    def _deltas(self, layer: _Layer, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sum of m_i * dW_i (and bias deltas) per parameter path, float32 on ``device``."""
+        module = layer.module
+        out: dict[str, torch.Tensor] = {}
+
+        def add(path: str, value: torch.Tensor, rows: slice | None = None) -> None:
+            if path not in out:
+                owner, attr = _param_paths(module)[path]
+                current = getattr(owner, attr)
+                if current is not None:
+                    shape = current.shape
+                else:  # a bias the layer does not have yet
+                    shape = value.shape if rows is None else (3 * module.embed_dim,)
+                out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
+            if rows is None:
+                out[path] += value
+            else:
+                out[path][rows] += value
+
+        for entry, m in zip(layer.entries, layer.multipliers):
+            if m == 0:
+                continue
+            target = entry.target
+            base = self.index.weight(target)
+            dw = entry.adapter.delta_weight(base.detach().to(device), entry.dyn)
+            base_bias = self._bias_of(target)
+            db = entry.adapter.delta_bias(base_bias, device)
+            if isinstance(module, nn.MultiheadAttention):
+                if target.part == "out":
+                    add("out_proj.weight", m * dw)
+                    if db is not None:
+                        add("out_proj.bias", m * db)
+                else:
+                    d = module.embed_dim
+                    rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
+                    add("in_proj_weight", m * dw, rows)
+                    if db is not None:
+                        add("in_proj_bias", m * db, rows)
+            else:
+                add("weight", m * dw)
+                if db is not None:
+                    add("bias", m * db)
+        return out
+
+    def _bias_of(self, target: Target) -> torch.Tensor | None:
+        module = self.index.modules[target.module]
+        if isinstance(module, nn.MultiheadAttention):
+            if target.part == "out":
+                return module.out_proj.bias
+            if module.in_proj_bias is None:
+                return None
+            d = module.embed_dim
+            i = MHA_PARTS.index(target.part)
+            return module.in_proj_bias[i * d:(i + 1) * d]
+        return getattr(module, "bias", None)
+
+    def _merge(self, layer: _Layer) -> None:
+        paths = _param_paths(layer.module)
+        weight_path = "in_proj_weight" if isinstance(layer.module, nn.MultiheadAttention) else "weight"
+        device = getattr(paths[weight_path][0], paths[weight_path][1]).device
+        deltas = self._deltas(layer, device)
+        new_values: dict[str, torch.Tensor] = {}
+        for path, delta in deltas.items():
+            owner, attr = paths[path]
+            current = getattr(owner, attr)
+            if current is None:
+                new = delta
+                dtype = getattr(owner, "weight").dtype
+            else:
+                new = current.detach().float() + delta
+                dtype = current.dtype
+            if not bool(torch.isfinite(new).all()):
+                labels = ", ".join(sorted({e.label or e.adapter.algorithm for e in layer.entries}))
+                raise NonFiniteWeightError(f"{layer.name}: applying {labels} would write NaN/Inf into "
+                                           f"{path}; nothing was written")
+            new_values[path] = new.to(dtype)
+        for path, value in new_values.items():  # all computed: now write
+            owner, attr = paths[path]
+            current = getattr(owner, attr)
+            if current is None:
+                setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+                layer.created.append(path)
+            else:
+                layer.backups[path] = current.detach().clone()
+                current.copy_(value)
+
+    # ------------------------------------------------------------------ bypass
+    def _prepare(self, layer: _Layer, x: torch.Tensor) -> list:
+        key = (x.device, x.dtype)
+        prepared = layer.prepared.get(key)
+        if prepared is not None:
+            return prepared
+        with torch.no_grad():
+            if isinstance(layer.module, nn.MultiheadAttention):
+                prepared = [self._mha_delta(e, x.device) for e in layer.entries]
+            else:
+                op = LayerOp.of(layer.module)
+                base = layer.module.weight.detach().to(x.device)
+                bias = getattr(layer.module, "bias", None)
+                bias = None if bias is None else bias.detach().to(x.device)
+                prepared = [e.adapter.bypass(op, base, bias, x.dtype, e.dyn) for e in layer.entries]
+        layer.prepared[key] = prepared
+        return prepared
+
+    def _mha_delta(self, entry: PlanEntry, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        base = self.index.weight(entry.target).detach().to(device)
+        bias = self._bias_of(entry.target)
+        db = entry.adapter.delta_bias(None if bias is None else bias.detach().to(device), device)
+        return entry.target.part, entry.adapter.delta_weight(base, entry.dyn), db
+
+    def _hook(self, layer: _Layer) -> None:
+        module = layer.module
+        if isinstance(module, nn.MultiheadAttention):
+            if not module._qkv_same_embed_dim:
+                raise UnsupportedLayerError(f"{layer.name}: MultiheadAttention with separate q/k/v weights")
+            layer.hook = module.register_forward_hook(self._mha_hook(layer), with_kwargs=True)
+            return
+
+        def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            fns: list[Bypass] = self._prepare(layer, x)
+            for fn, m in zip(fns, layer.multipliers):
+                if m != 0:
+                    output = output + m * fn(x)
+            return output
+
+        layer.hook = module.register_forward_hook(hook)
+
+    def _mha_hook(self, layer: _Layer) -> Callable:
+        mha: nn.MultiheadAttention = layer.module  # type: ignore[assignment]
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")
+        defaults = (None, None, None, None, True, None, True, False)
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output):
+            call = dict(zip(names, defaults))
+            call.update(zip(names, args))
+            call.update(kwargs)
+            q, k, v = call["query"], call["key"], call["value"]
+            prepared = self._prepare(layer, q)
+            in_w = mha.in_proj_weight.detach().to(q.dtype)
+            in_b = None if mha.in_proj_bias is None else mha.in_proj_bias.detach().to(q.dtype)
+            out_w = mha.out_proj.weight.detach().to(q.dtype)
+            out_b = None if mha.out_proj.bias is None else mha.out_proj.bias.detach().to(q.dtype)
+            d = mha.embed_dim
+            in_w, out_w = in_w.clone(), out_w.clone()
+            in_b = None if in_b is None else in_b.clone()
+            for (part, dw, db), m in zip(prepared, layer.multipliers):
+                if m == 0:
+                    continue
+                if part == "out":
+                    out_w += m * dw.to(q.dtype)
+                    if db is not None:
+                        out_b = m * db.to(q.dtype) if out_b is None else out_b + m * db.to(q.dtype)
+                else:
+                    i = MHA_PARTS.index(part)
+                    in_w[i * d:(i + 1) * d] += m * dw.to(q.dtype)
+                    if db is not None and in_b is not None:
+                        in_b[i * d:(i + 1) * d] += m * db.to(q.dtype)
+            batched = q.dim() == 3
+            if mha.batch_first and batched:
+                q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            attn, weights = F.multi_head_attention_forward(
+                q, k, v, d, mha.num_heads, in_w, in_b, mha.bias_k, mha.bias_v, mha.add_zero_attn,
+                mha.dropout, out_w, out_b, training=mha.training, key_padding_mask=call["key_padding_mask"],
+                need_weights=call["need_weights"], attn_mask=call["attn_mask"],
+                average_attn_weights=call["average_attn_weights"], is_causal=call["is_causal"])
+            if mha.batch_first and batched:
+                attn = attn.transpose(0, 1)
+            return attn, weights
+
+        return hook

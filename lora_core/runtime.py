@@ -1,0 +1,201 @@
+"""One generation's LoRAs on one loaded model: parse, resolve, load, plan, apply; per-step schedules.
+
+The WebUI glue calls ``activate`` with the prompt items A1111 parsed, ``step`` from its per-step callback, and
+``restore`` when LoRAs are gone; everything a person must see comes back as messages, never as exceptions:
+a bad item, an unknown name, a broken file or a LoRA for another model is skipped and the rest still applies.
+
+Apply mode (``auto``): a steady set of constant weights is merged (no per-step cost); anything whose weights
+change within a pass (schedules, start/stop, an X/Y/Z sweep) runs in bypass, where a multiplier change is free.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .errors import LoraError
+from .library import LoraEntry, LoraLibrary
+from .model_index import ModelIndex, Target
+from .network import Network, load_network
+from .patch import Patcher, PlanEntry
+from .syntax import LoraRequest, active_at, parse_lora_items
+
+log = logging.getLogger("lora_core")
+
+APPLY_MODES = ("auto", "merged", "bypass")
+LayerScale = Callable[[Target], float]
+#: builds the per-layer multiplier of a request (block weights); returns None (no scaling) or raises ValueError
+LayerScaleFactory = Callable[[LoraRequest, Network, ModelIndex], "LayerScale | None"]
+
+_HASH_NAME_DROP = str.maketrans("", "", ":,")
+
+
+@dataclass
+class ActiveLora:
+    request: LoraRequest
+    entry: LoraEntry
+    network: Network
+    layer_scale: LayerScale | None = None
+
+
+@dataclass
+class Activation:
+    """What ``activate`` did: the LoRAs in use, the mode, the problems (one line each) and the infotext hashes."""
+
+    active: list[ActiveLora] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)
+    mode: str = "none"
+
+
+class LoraRuntime:
+    def __init__(self, library: LoraLibrary, mode: str = "auto",
+                 layer_scale_factory: LayerScaleFactory | None = None):
+        self.library = library
+        self.mode = mode
+        self.layer_scale_factory = layer_scale_factory
+        self.index: ModelIndex | None = None
+        self.patcher: Patcher | None = None
+        self._model_token = ""
+        self._tokens = itertools.count()
+        self._active: list[ActiveLora] = []
+        self._hires = False
+        self._applied_mode = "none"
+
+    # ------------------------------------------------------------------ the model
+    @property
+    def root(self) -> nn.Module | None:
+        return None if self.index is None else self.index.root
+
+    def bind(self, root: nn.Module) -> None:
+        """Use ``root`` from now on (a model switch): restore the previous model first if it is another one."""
+        if self.index is not None and self.index.root is root:
+            return
+        if self.patcher is not None:
+            self.patcher.restore()
+        self._new_index(root)
+
+    def model_reloaded(self, root: nn.Module) -> None:
+        """The host replaced the weights of ``root`` in place (checkpoint switch into the same object).
+
+        The backups are of the old weights, so they must not be written back: hooks are removed and the
+        backups dropped, and the index is rebuilt (the host may have re-wrapped the text encoders).
+        """
+        if self.patcher is not None:
+            self.patcher.forget()
+        self._new_index(root)
+
+    def _new_index(self, root: nn.Module) -> None:
+        self.index = ModelIndex(root)
+        self.patcher = Patcher(self.index)
+        self._model_token = f"model{next(self._tokens)}"
+        self._active = []
+        self._applied_mode = "none"
+        self.library.clear_cache()
+
+    # ------------------------------------------------------------------ a generation
+    def activate(self, items_list: Sequence[Sequence[str]], *, hires: bool = False,
+                 total_steps: int | None = None, sweep: bool = False) -> Activation:
+        """Apply the LoRAs of one generation (or of its hires pass); never raises for bad input."""
+        result = Activation()
+        if self.index is None or self.patcher is None:
+            result.errors.append("no model is loaded")
+            return result
+        active: list[ActiveLora] = []
+        for items in items_list:
+            found = self._prepare(items, result)
+            if found is not None:
+                active.append(found)
+        self._active = active
+        self._hires = hires
+        mode = self._choose_mode(active, sweep)
+        self._apply(active, mode, 0, total_steps or 1, result)
+        result.active = list(self._active)
+        result.mode = self._applied_mode
+        for lora in result.active:
+            if lora.entry.shorthash:
+                result.hashes[lora.request.name.translate(_HASH_NAME_DROP)] = lora.entry.shorthash
+        return result
+
+    def step(self, step: int, total_steps: int) -> None:
+        """Called before each sampling step: updates scheduled multipliers (free in bypass mode)."""
+        if self.patcher is None or not self._active or self._applied_mode != "bypass":
+            return
+        if all(lora.request.is_static() for lora in self._active):
+            return
+        self.patcher.apply(self._plan(self._active, step, total_steps), "bypass")
+
+    def restore(self) -> None:
+        self._active = []
+        self._applied_mode = "none"
+        if self.patcher is not None:
+            self.patcher.restore()
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, items: Sequence[str], result: Activation) -> ActiveLora | None:
+        parsed = parse_lora_items(list(items))
+        result.errors.extend(parsed.warnings)
+        request = parsed.request
+        if request is None:
+            return None
+        label = request.raw or request.name
+        try:
+            entry = self.library.resolve(request.name)
+            network = self.library.load(entry, self._loader, kind=self._model_token)
+            scale = None
+            if self.layer_scale_factory is not None and (request.lbw or request.lbwe):
+                scale = self.layer_scale_factory(request, network, self.index)
+        except (LoraError, ValueError) as e:
+            result.errors.append(f"<lora:{label}>: {e}")
+            return None
+        except Exception as e:  # a bug or an odd file must not stop the generation; say what it was
+            log.exception("lora-core: unexpected error preparing %s", label)
+            result.errors.append(f"<lora:{label}>: unexpected {type(e).__name__}: {e}")
+            return None
+        if network.report.unmatched or network.report.problems:
+            log.info("lora-core: %s: %s", entry.path, network.report.summary())
+        return ActiveLora(request, entry, network, scale)
+
+    def _loader(self, entry: LoraEntry) -> Network:
+        return load_network(entry.path, self.index, name=entry.name)
+
+    def _choose_mode(self, active: list[ActiveLora], sweep: bool) -> str:
+        if self.mode in ("merged", "bypass"):
+            return self.mode
+        if sweep or not all(lora.request.is_static() for lora in active):
+            return "bypass"
+        return "merged"
+
+    def _plan(self, active: list[ActiveLora], step: int, total_steps: int) -> list[PlanEntry]:
+        plan: list[PlanEntry] = []
+        for lora in active:
+            te_s, unet_s = lora.request.pass_weights(self._hires)
+            on = active_at(lora.request, step, total_steps)
+            te = te_s.value_at(0, total_steps)  # the text encoders run once, before the first step
+            unet = unet_s.value_at(step, total_steps) if on else 0.0
+            plan.extend(lora.network.plan(self.index, te, unet, lora.request.dyn, lora.layer_scale))
+        return plan
+
+    def _apply(self, active: list[ActiveLora], mode: str, step: int, total: int, result: Activation) -> None:
+        try:
+            self.patcher.apply(self._plan(active, step, total), mode)
+            self._applied_mode = mode if active else "none"
+            return
+        except LoraError as e:
+            first_error = e
+        # something in the set cannot be applied (e.g. non-finite weights): find which, apply the rest
+        kept: list[ActiveLora] = []
+        for lora in active:
+            try:
+                self.patcher.apply(self._plan(kept + [lora], step, total), mode)
+                kept.append(lora)
+            except LoraError as e:
+                result.errors.append(f"<lora:{lora.request.raw or lora.request.name}>: {e}")
+        if len(kept) == len(active):
+            result.errors.append(str(first_error))
+        self.patcher.apply(self._plan(kept, step, total), mode)
+        self._active = kept
+        self._applied_mode = mode if kept else "none"

@@ -1,0 +1,200 @@
+"""The LoRA adapter on every layer kind of the real tiny models: bypass == merged == W0 + m*dW (SPEC §6).
+
+The oracle is ``lora_factory.expected_delta`` (the formulas of SPEC §6, written in float64 without lora_core)
+run through a copy of the layer whose weight is set explicitly.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lora_core.model_index import ModelIndex, Target
+from lora_core.network import load_network
+from lora_core.patch import Patcher
+from lora_factory import LoraSpec, expected_delta, kohya_name_of, lora_tensors
+
+FEATURES = {
+    "plain": LoraSpec(),
+    "alpha_missing": LoraSpec(alpha=None),
+    "alpha_zero": LoraSpec(alpha=0.0),
+    "scale_key": LoraSpec(scale_key=0.7),
+    "tucker": LoraSpec(tucker=True),
+    "dora_in": LoraSpec(dora=True),
+    "dora_out": LoraSpec(dora=True, dora_on_out=True),
+    "bias": LoraSpec(bias=True),
+}
+
+
+def layer_targets(index: ModelIndex) -> dict[str, Target]:
+    """One target per layer kind that LoRA files touch, found in the real model by role."""
+    mods = index.modules
+    found: dict[str, Target] = {}
+    for name, m in mods.items():
+        if isinstance(m, nn.Linear) and name.endswith("attn2.to_k") and "linear" not in found:
+            found["linear"] = Target(name)
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and "conv1x1" not in found:
+            found["conv1x1"] = Target(name)
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and "conv3x3" not in found:
+            found["conv3x3"] = Target(name)
+        elif isinstance(m, nn.Conv2d) and m.stride == (2, 2) and "conv_stride2" not in found:
+            found["conv_stride2"] = Target(name)
+        elif isinstance(m, nn.MultiheadAttention) and "mha_q" not in found:
+            for part in ("q", "k", "v", "out"):
+                found[f"mha_{part}"] = Target(name, part)
+    return found
+
+
+def layer_input(module: nn.Module, gen: torch.Generator, dtype: torch.dtype) -> tuple:
+    if isinstance(module, nn.MultiheadAttention):
+        x = torch.randn(5, 2, module.embed_dim, generator=gen)
+        if module.batch_first:
+            x = x.transpose(0, 1)
+        return (x.to(dtype),) * 3
+    if isinstance(module, nn.Conv2d):
+        return (torch.randn(2, module.in_channels, 8, 8, generator=gen).to(dtype),)
+    return (torch.randn(2, 3, module.in_features, generator=gen).to(dtype),)
+
+
+def run_layer(module: nn.Module, args: tuple) -> torch.Tensor:
+    out = module(*args, need_weights=False) if isinstance(module, nn.MultiheadAttention) else module(*args)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def explicit_layer(module: nn.Module, target: Target, dw: torch.Tensor, m: float) -> nn.Module:
+    ref = copy.deepcopy(module).float()
+    with torch.no_grad():
+        if isinstance(ref, nn.MultiheadAttention):
+            if target.part == "out":
+                ref.out_proj.weight += m * dw.float()
+            else:
+                d = ref.embed_dim
+                i = "qkv".index(target.part)
+                ref.in_proj_weight[i * d:(i + 1) * d] += m * dw.float()
+        else:
+            ref.weight += m * dw.float()
+    return ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def save_lora(tmp_path, index: ModelIndex, target: Target, spec: LoraSpec, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = lora_tensors(index.weight_shape(target), spec, gen)
+    name = kohya_name_of(index, target)
+    path = tmp_path / f"{name}_{seed}.safetensors"
+    save_file({f"{name}.{k}": v.contiguous() for k, v in tensors.items()}, str(path))
+    return path, tensors
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_bypass_merged_explicit_agree_fp32(family, feature, request, tmp_path):
+    root = request.getfixturevalue(f"fresh_{family}")
+    index = ModelIndex(root)
+    spec = FEATURES[feature]
+    targets = layer_targets(index)
+    assert {"linear", "conv3x3", "conv_stride2"} <= set(targets)
+    if family == "sd2":
+        assert "mha_q" in targets  # OpenCLIP's q/k/v live in in_proj_weight
+    gen = torch.Generator().manual_seed(1)
+    for role, target in targets.items():
+        if spec.tucker and role not in ("conv3x3", "conv_stride2"):
+            continue
+        path, tensors = save_lora(tmp_path, index, target, spec)
+        net = load_network(path, index)
+        assert list(net.adapters) == [target], (role, net.report.summary())
+        module = index.module(target)
+        base = index.weight(target).detach().clone()
+        dw = expected_delta(tensors, base)
+        args = layer_input(module, gen, torch.float32)
+        before = run_layer(module, args)
+        for m in (1.0, -0.6):
+            want = run_layer(explicit_layer(module, target, dw, m), args)
+            assert rel_err(want, before) > 1e-4, f"{role}: the LoRA must change the output"
+            with Patcher(index) as patcher:
+                for mode in ("bypass", "merged"):
+                    patcher.apply(net.plan(index, te=m, unet=m), mode)
+                    got = run_layer(module, args)
+                    assert rel_err(got, want) < 1e-5, (role, feature, mode, m, rel_err(got, want))
+            assert torch.equal(index.weight(target), base)
+        assert torch.equal(run_layer(module, args), before)
+
+
+@pytest.mark.parametrize("dyn", [1, 2, 3])
+def test_dyn_keeps_first_ranks_and_the_scale(fresh_sd1, tmp_path, dyn):
+    index = ModelIndex(fresh_sd1)
+    target = layer_targets(index)["linear"]
+    path, tensors = save_lora(tmp_path, index, target, LoraSpec(rank=4, alpha=2.0))
+    net = load_network(path, index)
+    module = index.module(target)
+    args = layer_input(module, torch.Generator().manual_seed(0), torch.float32)
+    want = run_layer(explicit_layer(module, target, expected_delta(tensors, module.weight, dyn=dyn), 1.0), args)
+    full = run_layer(explicit_layer(module, target, expected_delta(tensors, module.weight), 1.0), args)
+    assert rel_err(want, full) > 1e-4
+    with Patcher(index) as patcher:
+        for mode in ("bypass", "merged"):
+            patcher.apply(net.plan(index, 1.0, 1.0, dyn=dyn), mode)
+            assert rel_err(run_layer(module, args), want) < 1e-5
+
+
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("feature", ["plain", "tucker", "dora_in"])
+def test_half_precision(fresh_sd2, tmp_path, dtype, feature):
+    root = fresh_sd2.to(dtype)
+    index = ModelIndex(root)
+    spec = FEATURES[feature]
+    gen = torch.Generator().manual_seed(2)
+    for role, target in layer_targets(index).items():
+        if spec.tucker and role not in ("conv3x3", "conv_stride2"):
+            continue
+        path, tensors = save_lora(tmp_path, index, target, LoraSpec(**{**spec.__dict__, "dtype": torch.float16}))
+        net = load_network(path, index)
+        module = index.module(target)
+        base = index.weight(target).detach().clone()
+        args = layer_input(module, gen, dtype)
+        want = run_layer(explicit_layer(module, target, expected_delta(tensors, base.float()), 0.8),
+                         tuple(a.float() for a in args))
+        with Patcher(index) as patcher:
+            for mode in ("bypass", "merged"):
+                patcher.apply(net.plan(index, 0.8, 0.8), mode)
+                got = run_layer(module, args)
+                assert got.dtype == dtype
+                assert rel_err(got, want) < TOLERANCE[dtype], (role, mode, rel_err(got, want))
+        assert torch.equal(index.weight(target), base)
+
+
+def test_fp8_weights_use_bypass_even_when_merged_is_asked(fresh_sd1, tmp_path):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    index = ModelIndex(fresh_sd1)
+    target = layer_targets(index)["linear"]
+    module = index.module(target)
+    path, tensors = save_lora(tmp_path, index, target, LoraSpec())
+    net = load_network(path, index)
+    with torch.no_grad():
+        module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    stored = module.weight.detach().clone()
+    x = torch.randn(2, 3, module.in_features)
+    w0 = stored.float()
+    want = torch.nn.functional.linear(x, w0 + expected_delta(tensors, w0).float(), module.bias)
+
+    def fp8_linear(mod, args):  # what A1111's FP8 mode does: cast the stored weight for the matmul
+        return torch.nn.functional.linear(args[0], mod.weight.float(), mod.bias)
+
+    with Patcher(index) as patcher:
+        patcher.apply(net.plan(index, 1.0, 1.0), "merged")
+        assert patcher.layer_mode(target.module) == "bypass"
+        y = fp8_linear(module, (x,))
+        for hook in module._forward_hooks.values():
+            y = hook(module, (x,), y)
+        assert rel_err(y, want) < 1e-5
+    assert torch.equal(module.weight.view(torch.uint8), stored.view(torch.uint8))
