@@ -285,6 +285,13 @@ class LoraLibrary:
             return by_alias[0]
         raise LoraNotFoundError(name, self._close_matches(name, index))
 
+    def prompt_name(self, entry: LoraEntry) -> str:
+        """The name to write into a prompt: the alias when it reaches only this file, else the file stem."""
+        alias = entry.alias
+        if alias == entry.name or alias.lower() in RESERVED_NAMES:
+            return entry.name
+        return entry.name if alias.lower() in self._name_index().forbidden_aliases else alias
+
     @staticmethod
     def _close_matches(name: object, index: _NameIndex) -> list[str]:
         if not isinstance(name, str):

@@ -77,7 +77,8 @@ def detect_components(module_names: set[str]) -> tuple[str, list[Component]]:
         comps.append(Component("te", hf, ("lora_te_", "lora_te1_"), "hf_clip"))
         return "sd1", comps
     if oc is not None:
-        comps.append(Component("te", oc, ("lora_te_",), "open_clip"))
+        # diffusers' kohya conversion names any single encoder te1 (`text_encoder.` -> `lora_te1_`)
+        comps.append(Component("te", oc, ("lora_te_", "lora_te1_"), "open_clip"))
         return "sd2", comps
     return "unknown", comps
 
@@ -156,6 +157,9 @@ class ModelIndex:
                         if target.part is not None:
                             hf = f"{hf}_{target.part}_proj"
                         names.append(hf)
+                # transformers 5 dropped CLIPTextModel's `text_model` level: PEFT/diffusers files written with it
+                # name `encoder.layers...` what transformers 4 (and A1111) call `text_model.encoder.layers...`
+                names += [n[len("text_model_"):] for n in names if n.startswith("text_model_")]
                 for kohya in comp.kohya_prefixes:
                     for n in names:
                         self._kohya.setdefault(kohya + n, target)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .errors import LoraError
+from .errors import LoraError, LoraNotFoundError
 from .library import LoraEntry, LoraLibrary
 from .model_index import ModelIndex, Target
 from .network import Network, load_network
@@ -143,8 +143,8 @@ class LoraRuntime:
             return None
         label = request.raw or request.name
         try:
-            entry = self.library.resolve(request.name)
-            network = self.library.load(entry, self._loader, kind=self._model_token)
+            entry = self._resolve(request.name)
+            network = self.load(entry)
             scale = None
             if self.layer_scale_factory is not None and (request.lbw or request.lbwe):
                 scale = self.layer_scale_factory(request, network, self.index)
@@ -159,8 +159,19 @@ class LoraRuntime:
             log.info("lora-core: %s: %s", entry.path, network.report.summary())
         return ActiveLora(request, entry, network, scale)
 
-    def _loader(self, entry: LoraEntry) -> Network:
-        return load_network(entry.path, self.index, name=entry.name)
+    def _resolve(self, name: str) -> LoraEntry:
+        try:
+            return self.library.resolve(name)
+        except LoraNotFoundError:
+            self.library.refresh()  # a file added since the last scan is found without a restart
+            return self.library.resolve(name)
+
+    def load(self, entry: LoraEntry) -> Network:
+        """The file mapped onto the bound model, through the library's LRU cache (a changed file is re-read)."""
+        if self.index is None:
+            raise LoraError("no model is loaded")
+        index = self.index
+        return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
     def _choose_mode(self, active: list[ActiveLora], sweep: bool) -> str:
         if self.mode in ("merged", "bypass"):

@@ -63,6 +63,7 @@ __all__ = [
     "Schedule",
     "active_at",
     "format_number",
+    "format_name",
     "format_request",
     "parse_lora_items",
     "parse_prompt",
@@ -298,6 +299,8 @@ def _parse_lbw(text: str) -> str:
     if "," not in text:
         if _NUMBER_RE.fullmatch(text):
             raise ValueError(f"lbw '{text}' is one number: give a preset name or a list of 12, 17, 20 or 26 weights")
+        if not re.fullmatch(r"[\w.+\-]+", text):
+            raise ValueError(f"lbw '{text}' is neither a preset name (letters, digits, _ . + -) nor a list of weights")
         return text
     tokens = text.split(",")
     if len(tokens) not in LBW_LENGTHS:
@@ -541,13 +544,14 @@ def parse_prompt(prompt: str) -> list[tuple[str, ParseResult]]:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _format_name(name: str) -> str:
+def format_name(name: str) -> str:
+    """A LoRA name as it must be written in a prompt (quoted when it contains ``:``)."""
     return f'"{name}"' if ":" in name or name.startswith('"') else name
 
 
 def format_request(request: LoraRequest, network: str = "lora") -> str:
     """A canonical ``<lora:...>`` that parses back to an equal request."""
-    parts = [_format_name(request.name), str(request.te)]
+    parts = [format_name(request.name), str(request.te)]
     if request.unet != request.te:
         parts.append(str(request.unet))
     named = {

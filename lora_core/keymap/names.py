@@ -3,7 +3,8 @@
 The canonical module name is kohya's: ``lora_unet_<path>``, ``lora_te_<path>``, ``lora_te1_``/``lora_te2_``,
 with dots of the module path written as underscores. Diffusers/PEFT files name the same modules with dots and
 other parameter names (``lora_A``/``lora_B``, ``lora.down``/``lora.up``, ``lora_linear_layer.down``,
-``processor.to_q_lora.down``); they are brought to kohya's form here so one resolver serves every format.
+``processor.to_q_lora.down`` on the UNet, ``self_attn.to_q_lora.down`` on a text encoder); they are brought to
+kohya's form here so one resolver serves every format.
 """
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ _PARAM_ALIASES = {
 # longest first, so 'lora_A.default.weight' wins over a shorter match
 _DOTTED_PARAM_TAILS = sorted(list(_PARAM_ALIASES) + ["alpha", "lora_mid.weight", "lora_up.weight",
                                                      "lora_down.weight", "dora_scale"], key=len, reverse=True)
-_PROCESSOR = re.compile(r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<p>down|up)\.weight$")
+# diffusers before PEFT: ``attn1.processor.to_q_lora.down.weight`` (UNet), ``self_attn.to_q_lora.down.weight``
+# (text encoder, whose projections are q_proj ... out_proj)
+_OLD_LORA = re.compile(r"^(?P<mod>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<p>down|up)\.weight$")
+_OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,9 @@ class KeyName:
 
 def _from_dotted(key: str, prefix: str, kohya: str) -> KeyName | None:
     rest = key[len(prefix):]
-    m = _PROCESSOR.match(rest)
+    m = _OLD_LORA.match(rest)
     if m:
-        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+        proj = (_OLD_UNET_PROJ if kohya == "lora_unet_" else _OLD_TE_PROJ)[m["proj"]]
         return KeyName(kohya + (m["mod"] + "." + proj).replace(".", "_"), f"lora_{m['p']}.weight")
     for tail in _DOTTED_PARAM_TAILS:
         if rest.endswith("." + tail):

@@ -1,0 +1,47 @@
+"""What a LoRA file is and how it fits the loaded model, as plain data (for the API, the UI and the CLI)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .errors import LoraFileError
+from .library import LoraEntry
+from .runtime import LoraRuntime
+
+
+def listing(entry: LoraEntry) -> dict[str, Any]:
+    """One entry as the built-in's ``/sdapi/v1/loras`` gives it."""
+    try:
+        metadata = entry.metadata
+    except LoraFileError:
+        metadata = {}
+    return {"name": entry.name, "alias": entry.alias, "path": str(entry.path), "metadata": metadata}
+
+
+def describe(runtime: LoraRuntime, name: str) -> dict[str, Any]:
+    """Family, algorithms, ranks, alphas, layer counts and the fate of every key, for the loaded model.
+
+    Raises LoraError (not found, unreadable, wrong family, nothing matches)."""
+    entry = runtime.library.resolve(name)
+    info: dict[str, Any] = listing(entry)
+    info.update(hash=entry.hash, shorthash=entry.shorthash, sd_version=entry.sd_version)
+    index = runtime.index
+    if index is None:
+        info["model_family"] = None
+        return info
+    network = runtime.load(entry)
+    adapters = network.adapters
+    te = sum(1 for t in adapters if index.is_text_encoder(t))
+    report = network.report
+    info.update(
+        family=network.family,
+        model_family=index.family,
+        algorithms=network.algorithms(),
+        ranks=dict(Counter(getattr(a, "rank", None) for a in adapters.values())),
+        scales=dict(Counter(round(getattr(a, "scale", 1.0), 6) for a in adapters.values())),
+        layers={"total": len(adapters), "te": te, "unet": len(adapters) - te},
+        keys={"total": report.total, "used": len(report.used), "unmatched": report.unmatched,
+              "unknown": report.unknown, "unused": report.unused, "problems": report.problems},
+        embeddings=sorted(network.embeddings),
+    )
+    return info

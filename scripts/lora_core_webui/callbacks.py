@@ -1,0 +1,127 @@
+"""Registration with the WebUI: the extra network, model changes, per-step schedules, settings, API, paste."""
+from __future__ import annotations
+
+import re
+
+import gradio as gr
+from fastapi import FastAPI, HTTPException
+
+from modules import extra_networks, script_callbacks, shared
+
+from lora_core import inspect
+from lora_core.errors import LoraError
+
+from . import state
+from .extra_network import ExtraNetworkLoraCore
+
+SECTION = ("lora_core", "LoRA (lora-core)")
+
+
+def register() -> None:
+    script_callbacks.on_before_ui(before_ui)
+    script_callbacks.on_model_loaded(model_loaded)
+    script_callbacks.on_cfg_denoiser(cfg_denoiser)
+    script_callbacks.on_app_started(app_started)
+    script_callbacks.on_infotext_pasted(infotext_pasted)
+    script_callbacks.on_ui_settings(ui_settings)
+    script_callbacks.on_script_unloaded(unloaded)
+
+
+def before_ui() -> None:
+    # Registered after the built-in (extensions load after extensions-builtin), so `lora` and `lyco` are ours and
+    # the built-in, if enabled, is never asked to apply anything.
+    network = ExtraNetworkLoraCore()
+    extra_networks.register_extra_network(network)
+    extra_networks.register_extra_network_alias(network, "lyco")
+    if not state.builtin_lora_active():
+        from modules import ui_extra_networks
+
+        from .cards import ExtraNetworksPageLoraCore
+
+        ui_extra_networks.register_page(ExtraNetworksPageLoraCore())
+
+
+def model_loaded(sd_model) -> None:
+    runtime = state.runtime()
+    if runtime.root is sd_model:
+        runtime.model_reloaded(sd_model)  # new weights in the same object: our backups are stale
+    else:
+        runtime.bind(sd_model)  # another object: the previous one is restored first
+
+
+def cfg_denoiser(params) -> None:
+    denoiser = getattr(params, "denoiser", None)
+    step = getattr(denoiser, "step", None)
+    total = getattr(denoiser, "total_steps", None)
+    if step is None or not total:  # A1111's sampling_step lags one step behind; the denoiser's counter does not
+        step, total = params.sampling_step, params.total_sampling_steps
+    state.runtime().step(int(step), int(total))
+
+
+def unloaded() -> None:
+    state.runtime().restore()
+
+
+def ui_settings() -> None:
+    opts = shared.opts
+    opts.add_option("lora_core_apply_mode", shared.OptionInfo(
+        "auto", "How LoRAs are applied", gr.Radio, {"choices": ["auto", "merged", "bypass"]}, section=SECTION,
+    ).info("auto: merged into the weights for a steady set (no per-step cost), bypass while weights change "
+           "within a run (schedules, start/stop, sweeps); both restore the model exactly"))
+    opts.add_option("lora_core_cache_size", shared.OptionInfo(
+        4, "LoRA files kept loaded in memory", gr.Number, {"precision": 0}, section=SECTION))
+    opts.add_option("lora_core_ui_warnings", shared.OptionInfo(
+        True, "Show LoRA problems as popups (they are always in the generation parameters)", section=SECTION))
+    if state.builtin_lora_active():
+        return
+    # The built-in defines these; with it disabled, the cards page and infotext still read them: offer them here.
+    section = ("extra_networks", "Extra Networks")
+    opts.add_option("lora_preferred_name", shared.OptionInfo(
+        "Alias from file", "Name a LoRA in the prompt by its", gr.Radio,
+        {"choices": ["Alias from file", "Filename"]}, section=section))
+    opts.add_option("lora_add_hashes_to_infotext", shared.OptionInfo(True, "Write the LoRA hashes into the generation parameters", section=section))
+    opts.add_option("lora_show_all", shared.OptionInfo(
+        False, "Show every LoRA card, also those made for another model family", section=section))
+    opts.add_option("lora_hide_unknown_for_versions", shared.OptionInfo(
+        [], "Hide LoRA cards of unknown family when this model family is loaded", gr.CheckboxGroup,
+        {"choices": ["SD1", "SD2", "SDXL"]}, section=section))
+
+
+def app_started(_demo, app: FastAPI) -> None:
+    if not state.builtin_lora_active():  # the built-in serves these when it is enabled
+        @app.get("/sdapi/v1/loras")
+        async def get_loras():
+            return [inspect.listing(entry) for entry in state.runtime().library.entries]
+
+        @app.post("/sdapi/v1/refresh-loras")
+        async def refresh_loras():
+            state.runtime().library.refresh()
+
+    @app.get("/lora-core/v1/inspect")
+    def inspect_lora(name: str):
+        try:
+            return inspect.describe(state.runtime(), name)
+        except LoraError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from e
+
+
+_LORA_NAME = re.compile(r"<lora:([^:>]+):")
+
+
+def infotext_pasted(_infotext: str, params: dict) -> None:
+    """Pasted parameters name LoRAs as their writer had them: map them back through ``Lora hashes``."""
+    if state.builtin_lora_active() or not params.get("Lora hashes") or "Prompt" not in params:
+        return
+    hashes = {}
+    for part in str(params["Lora hashes"]).split(","):
+        name, _, short = part.partition(":")
+        if short.strip():
+            hashes[name.strip()] = short.strip()
+    library = state.runtime().library
+
+    def replace(m: re.Match) -> str:
+        short = hashes.get(m.group(1))
+        entry = library.by_hash(short) if short else None
+        return m.group(0) if entry is None else f"<lora:{library.prompt_name(entry)}:"
+
+    params["Prompt"] = _LORA_NAME.sub(replace, params["Prompt"])

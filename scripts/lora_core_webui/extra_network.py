@@ -1,0 +1,73 @@
+"""``<lora:...>`` (and ``<lyco:...>``) as an A1111 extra network, backed by the lora_core runtime."""
+from __future__ import annotations
+
+import logging
+
+from modules import extra_networks, shared
+
+from lora_core.runtime import Activation
+
+from . import state
+
+log = logging.getLogger("lora_core")
+ERRORS_KEY = "Lora errors"
+HASHES_KEY = "Lora hashes"
+
+
+def _pass_steps(p, hires: bool) -> int:
+    if hires:
+        return int(getattr(p, "hr_second_pass_steps", 0) or getattr(p, "steps", 1) or 1)
+    return int(getattr(p, "steps", 1) or 1)
+
+
+def _warn(message: str) -> None:
+    """A popup in the UI when the generation came from the UI; API calls have no page to show it on."""
+    if not state.option("lora_core_ui_warnings", True):
+        return
+    try:
+        import gradio as gr
+
+        gr.Warning(message)
+    except Exception:  # outside a Gradio request there is nothing to show it on
+        pass
+
+
+def record(p, result: Activation, hires: bool) -> None:
+    """Infotext exactly as the built-in writes it (``Lora hashes``), plus ``Lora errors`` when anything failed."""
+    if state.option("lora_add_hashes_to_infotext", True):
+        if not hires or not hasattr(p, "lora_hashes"):
+            p.lora_hashes = {}
+        p.lora_hashes.update(result.hashes)
+        if p.lora_hashes:
+            p.extra_generation_params[HASHES_KEY] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
+    if not result.errors:
+        return
+    seen = p.__dict__.setdefault("lora_core_errors", {})  # one list per generation, every batch and pass
+    new = [e for e in result.errors if e not in seen]
+    for error in new:
+        seen[error] = None
+        p.comment(f"Lora: {error}")
+        print(f"[lora-core] {error}")
+        _warn(f"Lora: {error}")
+    p.extra_generation_params[ERRORS_KEY] = "; ".join(seen)
+
+
+class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
+    def __init__(self):
+        super().__init__("lora")
+
+    def activate(self, p, params_list):
+        runtime = state.runtime()
+        runtime.bind(shared.sd_model)
+        runtime.mode = state.option("lora_core_apply_mode", "auto")
+        runtime.library.set_cache_size(int(state.option("lora_core_cache_size", 4)))
+        hires = bool(getattr(p, "is_hr_pass", False))
+        items = [list(params.items) for params in params_list]
+        if not items and not runtime.patcher.active:
+            return
+        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires))
+        record(p, result, hires)
+
+    def deactivate(self, p):
+        # The set stays applied until the next generation asks for another (often the same one: no work).
+        pass

@@ -1,0 +1,190 @@
+"""End to end in a real A1111 WebUI: our extension against the built-in Lora, through /sdapi/v1/txt2img.
+
+Needs ``A1111_DIR``: a WebUI v1.10.x checkout with its venv (``venv/``), a random-weight SD1.5 checkpoint in
+``models/Stable-diffusion`` (``A1111_CKPT``, default ``sd15-random.safetensors``) and the test bed's LoRA files
+in ``models/Lora`` (``test_lora``); ``../shared/testbed/`` builds all of that offline. The built-in Lora runs first
+(our extension disabled) and its images are the reference; then our extension runs with the built-in disabled.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from webui import BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, psnr
+
+pytestmark = pytest.mark.e2e
+
+A1111_DIR = os.environ.get("A1111_DIR")
+if not A1111_DIR:
+    pytest.skip("A1111_DIR is not set: the end-to-end suite needs a WebUI checkout with its venv "
+                "(build one offline with ../shared/testbed/setup.sh, then A1111_DIR=$TESTBED/webui)",
+                allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+WEBUI = Path(A1111_DIR).resolve()
+CKPT = WEBUI / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+LORA_DIR = WEBUI / "models" / "Lora"
+E2E_DIR = LORA_DIR / "lora-core-e2e"
+
+BASE = "a cat"
+NO_LORA = "a cat <lora:e2e_no_such_lora:1>"  # the same prompt text once the tag is removed, nothing applied
+LORA1 = "a cat <lora:test_lora:1>"
+LORA0 = "a cat <lora:test_lora:0>"
+LOCON = "a cat <lora:e2e_locon:0.8>"
+STACK = "a cat <lora:test_lora:0.7:0.3> <lora:e2e_locon:-0.5:1>"
+COMPARED = [LORA1, LOCON, STACK]
+BAD = {
+    "corrupt": ("a cat <lora:e2e_corrupt:1>", "e2e_corrupt"),
+    "unknown": ("a cat <lora:e2e_no_such_lora:1>", "e2e_no_such_lora"),
+    "sdxl_on_sd15": ("a cat <lora:e2e_sdxl:1>", "SDXL"),
+    "malformed": ("a cat <lora:test_lora:abc>", "abc"),
+}
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, list[int]]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _locon_pairs() -> dict[str, str]:
+    """kohya (diffusers-style) SD1 names -> checkpoint keys, written from SPEC §3 for a LoCon on convs + attention."""
+    pairs = {"lora_unet_conv_in": "model.diffusion_model.input_blocks.0.0",
+             "lora_unet_mid_block_resnets_0_conv1": "model.diffusion_model.middle_block.0.in_layers.2",
+             "lora_te_text_model_encoder_layers_3_mlp_fc1": "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1"}
+    for i in range(4):
+        for j in range(2):
+            pairs[f"lora_unet_down_blocks_{i}_resnets_{j}_conv1"] = f"model.diffusion_model.input_blocks.{1 + 3 * i + j}.0.in_layers.2"
+        for j in range(3):
+            pairs[f"lora_unet_up_blocks_{i}_resnets_{j}_conv2"] = f"model.diffusion_model.output_blocks.{3 * i + j}.0.out_layers.3"
+    for i in range(3):
+        pairs[f"lora_unet_down_blocks_{i}_downsamplers_0_conv"] = f"model.diffusion_model.input_blocks.{3 + 3 * i}.0.op"
+        pairs[f"lora_unet_up_blocks_{i}_upsamplers_0_conv"] = f"model.diffusion_model.output_blocks.{2 + 3 * i}.{1 if i == 0 else 2}.conv"
+        pairs[f"lora_unet_down_blocks_{i}_attentions_0_proj_in"] = f"model.diffusion_model.input_blocks.{1 + 3 * i}.1.proj_in"
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def lora_files():
+    if not CKPT.is_file() or not (LORA_DIR / "test_lora.safetensors").is_file():
+        pytest.skip(f"{CKPT} or {LORA_DIR}/test_lora.safetensors is missing (../shared/testbed/setup.sh makes them)")
+    shapes = _checkpoint_shapes(CKPT)
+    E2E_DIR.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(7)
+    locon = {}
+    for name, key in _locon_pairs().items():
+        out_dim, in_dim, *kernel = shapes[key + ".weight"]
+        r = 4
+        locon[f"{name}.lora_down.weight"] = (torch.randn(r, in_dim, *kernel, generator=gen)
+                                             / (in_dim * max(1, len(kernel) and kernel[0] * kernel[1])) ** 0.5).half()
+        up_shape = (out_dim, r, 1, 1) if kernel else (out_dim, r)
+        locon[f"{name}.lora_up.weight"] = (torch.randn(*up_shape, generator=gen) * 0.5).half()
+        locon[f"{name}.alpha"] = torch.tensor(2.0).half()
+    save_file(locon, str(E2E_DIR / "e2e_locon.safetensors"),
+              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    data = (LORA_DIR / "test_lora.safetensors").read_bytes()
+    (E2E_DIR / "e2e_corrupt.safetensors").write_bytes(data[: len(data) // 3])
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280).half(),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4).half(),
+               "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640).half(),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4).half()},
+              str(E2E_DIR / "e2e_sdxl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    link = WEBUI / "extensions" / EXTENSION_NAME
+    made_link = not link.exists()
+    if made_link:
+        link.symlink_to(ROOT)
+    yield
+    shutil.rmtree(E2E_DIR, ignore_errors=True)
+    if made_link:
+        link.unlink()
+
+
+@pytest.fixture(scope="module")
+def builtin(lora_files, tmp_path_factory):
+    """The built-in Lora's images (our extension disabled); the server is stopped before ours starts."""
+    server = WebUI(WEBUI, CKPT, [EXTENSION_NAME], tmp_path_factory.mktemp("builtin"))
+    try:
+        return {p: server.txt2img(p) for p in [BASE, NO_LORA, LORA0, *COMPARED]}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ours(lora_files, builtin, tmp_path_factory):
+    server = WebUI(WEBUI, CKPT, [BUILTIN_NAME], tmp_path_factory.mktemp("ours"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ours_images(ours):
+    """Our images, in an order that also proves restore: base first, LoRAs, base again."""
+    images = {"base_before": ours.txt2img(BASE)}
+    for p in [LORA1, LORA0, *COMPARED[1:]]:
+        images[p] = ours.txt2img(p)
+    images["base_after"] = ours.txt2img(BASE)
+    return images
+
+
+def hashes(g: Generation) -> str | None:
+    m = re.search(r'Lora hashes: "([^"]*)"', g.infotext)
+    return m.group(1) if m else None
+
+
+def test_lora_changes_the_image(ours_images):
+    assert ours_images[LORA1].png != ours_images["base_before"].png
+    assert psnr(ours_images[LORA1], ours_images["base_before"]) < 40
+
+
+def test_zero_weight_is_the_no_lora_image(ours_images, builtin):
+    assert ours_images[LORA0].png == builtin[NO_LORA].png
+    assert builtin[LORA0].png == builtin[NO_LORA].png
+
+
+def test_without_the_lora_afterwards_is_the_plain_image(ours_images, builtin):
+    assert ours_images["base_before"].png == builtin[BASE].png
+    assert ours_images["base_after"].png == builtin[BASE].png
+
+
+@pytest.mark.parametrize("prompt", COMPARED)
+def test_same_image_as_the_builtin(ours_images, builtin, prompt):
+    assert builtin[prompt].png != builtin[NO_LORA].png, "the reference LoRA must change the image"
+    value = psnr(ours_images[prompt], builtin[prompt])
+    assert value >= 45, f"{prompt}: PSNR {value:.1f} dB against the built-in"
+
+
+@pytest.mark.parametrize("prompt", [LORA1, STACK])
+def test_lora_hashes_infotext_equals_the_builtin(ours_images, builtin, prompt):
+    assert hashes(builtin[prompt]) is not None
+    assert hashes(ours_images[prompt]) == hashes(builtin[prompt])
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_image_and_error_and_leaves_model_intact(ours, ours_images, builtin, case):
+    prompt, expected = BAD[case]
+    g = ours.txt2img(prompt)
+    assert g.png, "an image comes back"
+    errors = g.params.get("Lora errors", "")
+    assert expected in errors, f"{case}: Lora errors = {errors!r}"
+    assert "Lora errors" in g.infotext
+    assert ours.txt2img(BASE).png == builtin[BASE].png
+
+
+def test_api_lists_refreshes_and_inspects(ours):
+    names = {x["name"] for x in ours.get("/sdapi/v1/loras")}
+    assert {"test_lora", "e2e_locon"} <= names
+    ours.post("/sdapi/v1/refresh-loras")
+    info = ours.get("/lora-core/v1/inspect?name=test_lora")
+    assert info["model_family"] == "sd1" and info["family"] == "sd1"
+    assert info["algorithms"] == {"lora": 264} and info["layers"] == {"total": 264, "te": 72, "unet": 192}
+    assert info["keys"]["used"] == info["keys"]["total"] == 792
+    assert info["shorthash"] == "9e7c5d9b7e76" or len(info["shorthash"]) == 12

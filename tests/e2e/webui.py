@@ -1,0 +1,140 @@
+"""Start a real A1111 WebUI (the checkout in ``A1111_DIR`` with its venv) on CPU with ``--api``, and talk to it.
+
+Each server gets its own settings file (``--ui-settings-file``), so the suite never edits the WebUI's config.json;
+the set of disabled extensions is what tells the built-in Lora run from ours.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+EXTENSION_NAME = "sd-webui-lora-core"
+BUILTIN_NAME = "Lora"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Generation:
+    png: bytes
+    info: dict
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(self.png)).convert("RGB")).astype(np.float64)
+
+    @property
+    def infotext(self) -> str:
+        return self.info.get("infotexts", [""])[0]
+
+    @property
+    def params(self) -> dict:
+        return self.info.get("extra_generation_params", {})
+
+
+def psnr(a: Generation, b: Generation) -> float:
+    mse = float(((a.pixels - b.pixels) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+class WebUI:
+    """One server process; ``disabled`` are extension names (folder names) to turn off for this run."""
+
+    def __init__(self, a1111_dir: Path, ckpt: Path, disabled: list[str], workdir: Path, extra_args: list[str] = ()):
+        self.dir = a1111_dir
+        self.port = free_port()
+        self.log = workdir / f"webui-{self.port}.log"
+        settings = json.loads((a1111_dir / "config.json").read_text()) if (a1111_dir / "config.json").exists() else {}
+        settings.update({"disabled_extensions": disabled, "disable_all_extensions": "none",
+                         "auto_launch_browser": "Disable", "live_previews_enable": False,
+                         "show_progress_every_n_steps": -1, "lora_functional": False})
+        self.settings_file = workdir / f"config-{self.port}.json"
+        self.settings_file.write_text(json.dumps(settings, indent=1))
+        python = a1111_dir / "venv" / "bin" / "python"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   GRADIO_ANALYTICS_ENABLED="False", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        hf_home = a1111_dir.parent / "hf_home"
+        if "HF_HOME" not in os.environ and hf_home.is_dir():
+            env["HF_HOME"] = str(hf_home)  # the test bed's offline CLIP tokenizer/config
+        cmd = [str(python), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+               "--skip-version-check", "--skip-python-version-check", "--use-cpu", "all", "--no-half",
+               "--precision", "full", "--no-download-sd-model", "--ckpt", str(ckpt), "--api",
+               "--server-name", "127.0.0.1", "--port", str(self.port),
+               "--ui-settings-file", str(self.settings_file), *extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=a1111_dir, env=env, stdout=open(self.log, "wb"),
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._wait()
+
+    def _wait(self, timeout: float = 900) -> None:
+        # A request that reaches the app before A1111 adds its middleware kills the server: poll only after
+        # the log says "Startup time:".
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the WebUI died at start; log {self.log}:\n{self.log_tail()}")
+            if b"Startup time:" in self.log.read_bytes():
+                try:
+                    self.get("/sdapi/v1/options")
+                    return
+                except OSError:
+                    pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"the WebUI did not start in {timeout} s; log {self.log}")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 1800):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str):
+        return self._request("GET", path)
+
+    def post(self, path: str, body: dict | None = None):
+        return self._request("POST", path, body or {})
+
+    def txt2img(self, prompt: str, *, size: int = 64, steps: int = 4, seed: int = 1, **extra) -> Generation:
+        payload = {"prompt": prompt, "negative_prompt": "", "width": size, "height": size, "steps": steps,
+                   "seed": seed, "cfg_scale": 7.0, "sampler_name": "Euler", "scheduler": "Automatic",
+                   "batch_size": 1, "n_iter": 1, "save_images": False, "send_images": True, **extra}
+        res = self.post("/sdapi/v1/txt2img", payload)
+        return Generation(base64.b64decode(res["images"][0].split(",", 1)[-1]), json.loads(res["info"]))
+
+    def txt2img_all(self, payload: dict) -> tuple[list[Generation], dict]:
+        base = {"negative_prompt": "", "width": 64, "height": 64, "steps": 4, "seed": 1, "cfg_scale": 7.0,
+                "sampler_name": "Euler", "scheduler": "Automatic", "save_images": False, "send_images": True}
+        res = self.post("/sdapi/v1/txt2img", {**base, **payload})
+        info = json.loads(res["info"])
+        return [Generation(base64.b64decode(i.split(",", 1)[-1]), info) for i in res["images"]], info
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

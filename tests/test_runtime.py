@@ -1,0 +1,139 @@
+"""One generation's LoRAs end to end in the library (what the WebUI glue calls), on the tiny real SD1 model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_core.library import LoraLibrary
+from lora_core.model_index import ModelIndex
+from lora_core.runtime import LoraRuntime
+from lora_factory import LoraSpec, make_kohya_lora, pick_targets
+from test_patch_property import assert_bitwise, snapshot
+from tiny_models import make_inputs, run_text_encoders, run_unet
+
+
+@pytest.fixture
+def world(fresh_sd1, tmp_path):
+    index = ModelIndex(fresh_sd1)
+    te = [t for t in pick_targets(index, kinds=(torch.nn.Linear,)) if index.is_text_encoder(t)][:4]
+    targets = pick_targets(index, limit_per_kind=4) + te
+    assert te and not index.is_text_encoder(targets[0])
+    save_file(make_kohya_lora(index, targets, LoraSpec(), seed=1), str(tmp_path / "alpha.safetensors"),
+              metadata={"ss_output_name": "alpha_alias", "ss_base_model_version": "sd_v1"})
+    save_file(make_kohya_lora(index, targets[::2], LoraSpec(rank=2), seed=2), str(tmp_path / "beta.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    runtime = LoraRuntime(LoraLibrary([tmp_path]))
+    runtime.bind(fresh_sd1)
+    return fresh_sd1, runtime, snapshot(fresh_sd1), make_inputs(fresh_sd1, "sd1")
+
+
+def unet_out(root, inputs):
+    with torch.no_grad():
+        return run_unet(root, inputs)
+
+
+def test_static_set_is_merged_and_schedule_is_bypass(world):
+    root, runtime, original, inputs = world
+    plain = unet_out(root, inputs)
+    result = runtime.activate([["alpha", "1"]])
+    assert result.mode == "merged" and not result.errors and [a.entry.name for a in result.active] == ["alpha"]
+    merged = unet_out(root, inputs)
+    assert not torch.equal(merged, plain)
+    result = runtime.activate([["alpha", "1@0,1@10"]], total_steps=10)  # constant schedule is still static
+    assert result.mode == "merged"
+    result = runtime.activate([["alpha", "0@0,1@9"]], total_steps=10)
+    assert result.mode == "bypass"
+    assert_bitwise(root, original)  # bypass writes no weight
+    runtime.step(0, 10)
+    assert torch.allclose(unet_out(root, inputs), plain, atol=1e-6)  # weight 0 at step 0
+    runtime.step(9, 10)
+    assert torch.allclose(unet_out(root, inputs), merged, rtol=1e-4, atol=1e-5)  # weight 1 at the last step
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_start_stop_switches_the_lora_per_step(world):
+    root, runtime, original, inputs = world
+    plain = unet_out(root, inputs)
+    assert runtime.activate([["alpha", "1", "start=2", "stop=4"]], total_steps=6).mode == "bypass"
+    seen = []
+    for step in range(6):
+        runtime.step(step, 6)
+        seen.append(not torch.allclose(unet_out(root, inputs), plain, atol=1e-6))
+    assert seen == [False, False, True, True, False, False]
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_te_and_unet_weights_apply_to_their_part(world):
+    root, runtime, original, inputs = world
+    te0 = run_text_encoders(root, inputs)
+    unet0 = unet_out(root, inputs)
+    runtime.activate([["alpha", "0", "1"]])  # te 0, unet 1
+    assert all(torch.equal(a, b) for a, b in zip(run_text_encoders(root, inputs).values(), te0.values()))
+    assert not torch.equal(unet_out(root, inputs), unet0)
+    runtime.activate([["alpha", "1", "0"]])
+    assert not all(torch.equal(a, b) for a, b in zip(run_text_encoders(root, inputs).values(), te0.values()))
+    assert torch.equal(unet_out(root, inputs), unet0)
+    runtime.activate([])
+    assert_bitwise(root, original)
+
+
+def test_hires_pass_uses_hr_weights(world):
+    root, runtime, original, inputs = world
+    unet0 = unet_out(root, inputs)
+    runtime.activate([["alpha", "1", "hr=0"]])
+    first = unet_out(root, inputs)
+    runtime.activate([["alpha", "1", "hr=0"]], hires=True)
+    assert not torch.equal(first, unet0) and torch.equal(unet_out(root, inputs), unet0)
+
+
+def test_bad_items_are_reported_and_the_rest_applies(world):
+    root, runtime, original, inputs = world
+    result = runtime.activate([["alpha", "abc"], ["nope", "1"], ["broken", "1"], ["beta", "0.5"], ["", "1"]])
+    assert [a.entry.name for a in result.active] == ["beta"]
+    text = "\n".join(result.errors)
+    assert "abc" in text and "nope" in text and "broken" in text
+    assert len(result.errors) >= 4
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_names_resolve_by_alias_and_hashes_are_reported(world):
+    root, runtime, original, inputs = world
+    result = runtime.activate([["alpha_alias", "1"], ["beta", "1"]])
+    assert [a.entry.name for a in result.active] == ["alpha", "beta"]
+    assert set(result.hashes) == {"alpha_alias", "beta"}
+    assert all(len(h) == 12 for h in result.hashes.values())
+
+
+def test_non_finite_lora_is_dropped_and_the_others_stay(world):
+    root, runtime, original, inputs = world
+    result = runtime.activate([["alpha", "1e39"], ["beta", "1"]])
+    assert [a.entry.name for a in result.active] == ["beta"]
+    assert any("NaN" in e or "Inf" in e for e in result.errors)
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_model_reloaded_in_place_drops_state_without_writing(world):
+    root, runtime, original, inputs = world
+    runtime.activate([["alpha", "1"]])
+    # the host loads a checkpoint into the same object: weights replaced under us
+    with torch.no_grad():
+        for p in root.parameters():
+            p.add_(1.0)
+    reloaded = snapshot(root)
+    runtime.model_reloaded(root)
+    assert_bitwise(root, reloaded)  # our stale backups were not written back
+    assert not runtime.patcher.active
+
+
+def test_binding_another_model_restores_the_previous(world, fresh_sd2):
+    root, runtime, original, inputs = world
+    runtime.activate([["alpha", "1"]])
+    runtime.bind(fresh_sd2)
+    assert_bitwise(root, original)
+    result = runtime.activate([["alpha", "1"]])  # an SD1 file on the SD2 model now
+    assert not result.active and "SD1" in result.errors[0] and "SD2" in result.errors[0]
