@@ -49,6 +49,7 @@ class Activation:
     errors: list[str] = field(default_factory=list)
     hashes: dict[str, str] = field(default_factory=dict)
     mode: str = "none"
+    notes: list[str] = field(default_factory=list)  # keys a file has that were not used (for the console)
 
 
 class LoraRuntime:
@@ -145,9 +146,7 @@ class LoraRuntime:
         try:
             entry = self._resolve(request.name)
             network = self.load(entry)
-            scale = None
-            if self.layer_scale_factory is not None and (request.lbw or request.lbwe):
-                scale = self.layer_scale_factory(request, network, self.index)
+            scale = self._layer_scale(request, network, label, result)
         except (LoraError, ValueError) as e:
             result.errors.append(f"<lora:{label}>: {e}")
             return None
@@ -155,9 +154,21 @@ class LoraRuntime:
             log.exception("lora-core: unexpected error preparing %s", label)
             result.errors.append(f"<lora:{label}>: unexpected {type(e).__name__}: {e}")
             return None
-        if network.report.unmatched or network.report.problems:
-            log.info("lora-core: %s: %s", entry.path, network.report.summary())
+        report = network.report
+        if report.unmatched or report.unknown or report.unused or report.problems:
+            result.notes.append(f"{entry.path}: {report.summary()}")
         return ActiveLora(request, entry, network, scale)
+
+    def _layer_scale(self, request: LoraRequest, network: Network, label: str,
+                     result: Activation) -> LayerScale | None:
+        """The request's block weights; bad ones (ValueError) are reported and the LoRA applies without them."""
+        if self.layer_scale_factory is None or not (request.lbw or request.lbwe):
+            return None
+        try:
+            return self.layer_scale_factory(request, network, self.index)
+        except ValueError as e:
+            result.errors.append(f"<lora:{label}>: {e}; applied without block weights")
+            return None
 
     def _resolve(self, name: str) -> LoraEntry:
         try:

@@ -185,11 +185,13 @@ def assert_deltas_are_peft(net: Network, index: ModelIndex, deltas: dict[str, to
 # ---------------------------------------------------------------- SD1: diffusers UNet + CLIP with PEFT
 @dataclass
 class PeftWorld:
+    """A diffusers UNet and HF text encoders with PEFT LoRAs, what a pipeline saves of them, and the UNet's
+    output on ``inputs`` (the tiny model's inputs) without and with the LoRA."""
+
     unet: nn.Module
-    te: nn.Module
     unet_sd: dict[str, torch.Tensor]  # 'unet.' + PEFT names
-    te_sd: dict[str, torch.Tensor]  # 'text_encoder.' + PEFT names
-    deltas: dict[str, torch.Tensor]
+    te_sd: dict[str, torch.Tensor]  # 'text_encoder[_2].' + PEFT names
+    deltas: dict[str, torch.Tensor]  # PEFT's dW by prefixed dotted name
     inputs: dict
     base_out: torch.Tensor
     lora_out: torch.Tensor
@@ -209,7 +211,7 @@ def sd1_peft(sd1_model) -> PeftWorld:
     add_peft_lora(unet, lora_layer_names(unet), seed=2)
     config = tiny_models.text_encoders(sd1_model)["te"].transformer.config
     te = add_peft_lora(seeded(lambda: hf_clip(config), 4), CLIP_TARGETS, seed=5)
-    return PeftWorld(unet, te, peft_state_dict(unet, "unet"), peft_state_dict(te, "text_encoder.text_model"),
+    return PeftWorld(unet, peft_state_dict(unet, "unet"), peft_state_dict(te, "text_encoder.text_model"),
                      {**peft_deltas(unet, "unet"), **peft_deltas(te, "text_encoder.text_model")},
                      inputs, base_out, diffusers_unet_out(unet, inputs))
 
@@ -284,6 +286,18 @@ def test_old_diffusers_namings_map_to_the_same_targets_as_kohya(sd1_model, sd1_p
     assert set(targets_by_module(kohya, index).values()) == set(net.adapters)
 
 
+def test_save_attn_procs_keys_without_unet_prefix_map_like_the_prefixed(sd1_model, sd1_peft, tmp_path):
+    """diffusers' ``save_attn_procs`` wrote UNet keys with no ``unet.`` prefix."""
+    index = ModelIndex(sd1_model)
+    bare = {k[len("unet."):]: v for k, v in sd1_peft.unet_sd.items()}
+    assert all(k.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_", "time_embedding.")) for k in bare)
+    keep = {k: v for k, v in bare.items() if k.startswith(("down_blocks.", "mid_block.", "up_blocks."))}
+    net = load_all(write(tmp_path / "bare.safetensors", keep), index)
+    assert len(net.adapters) * 2 == len(keep)
+    prefixed = targets_by_module(convert_state_dict_to_kohya({"unet." + k: v for k, v in keep.items()}), index)
+    assert set(prefixed.values()) == set(net.adapters)
+
+
 # SPEC §3 by example: diffusers-style names -> compvis layers, including same-shaped neighbours.
 SD1_EXAMPLES = {
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
@@ -335,22 +349,27 @@ def copy_unet_weights(unet: nn.Module, index: ModelIndex) -> int:
     return len(copied)
 
 
-@pytest.mark.parametrize("mode", ["bypass", "merged"])
-def test_patched_ldm_unet_computes_what_peft_diffusers_computes(fresh_sd1, sd1_peft, mode, tmp_path):
-    """Every key on the right layer: same base weights through the mapping give the same UNet, and the
-    converted LoRA gives the same change of the output as PEFT's LoRA on the diffusers UNet."""
-    index = ModelIndex(fresh_sd1)
-    ldm_layers = [n for n, m in fresh_sd1.model.diffusion_model.named_modules() if isinstance(m, COPIED_LAYERS)]
-    assert copy_unet_weights(sd1_peft.unet, index) == len(ldm_layers)
-    base = tiny_models.run_unet(fresh_sd1, sd1_peft.inputs)
-    torch.testing.assert_close(base, sd1_peft.base_out, rtol=1e-4, atol=1e-5)
-    change = sd1_peft.lora_out - sd1_peft.base_out
+def assert_patched_unet_computes_what_peft_computes(root: nn.Module, world: PeftWorld, mode: str,
+                                                    tmp_path: Path) -> None:
+    """Every key on the right layer: the same base weights through the mapping give the same UNet, and the
+    kohya-converted LoRA changes the output as PEFT's LoRA changes the diffusers UNet's."""
+    index = ModelIndex(root)
+    ldm_layers = [n for n, m in root.model.diffusion_model.named_modules() if isinstance(m, COPIED_LAYERS)]
+    assert copy_unet_weights(world.unet, index) == len(ldm_layers)
+    base = tiny_models.run_unet(root, world.inputs)
+    torch.testing.assert_close(base, world.base_out, rtol=1e-4, atol=1e-5)
+    change = world.lora_out - world.base_out
     assert change.abs().max() > 1e-2  # the LoRA matters, so a misplaced key would show
-    net = load_all(write(tmp_path / "kohya.safetensors", convert_state_dict_to_kohya(sd1_peft.unet_sd)), index)
+    net = load_all(write(tmp_path / "kohya.safetensors", convert_state_dict_to_kohya(world.unet_sd)), index)
     with Patcher(index) as patcher:
         patcher.apply(net.plan(index, te=1.0, unet=1.0), mode)
-        patched = tiny_models.run_unet(fresh_sd1, sd1_peft.inputs)
+        patched = tiny_models.run_unet(root, world.inputs)
     torch.testing.assert_close(patched - base, change, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["bypass", "merged"])
+def test_patched_ldm_unet_computes_what_peft_diffusers_computes(fresh_sd1, sd1_peft, mode, tmp_path):
+    assert_patched_unet_computes_what_peft_computes(fresh_sd1, sd1_peft, mode, tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["v4", "flat"])
@@ -594,7 +613,7 @@ def test_sdxl_te2_q_k_v_patch_rows_0_d_2d_3d(fresh_sdxl, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sdxl_peft(sdxl_model):
+def sdxl_peft(sdxl_model) -> PeftWorld:
     unet = seeded(diffusers_sdxl_unet, 11)
     inputs = tiny_models.make_inputs(sdxl_model, seed=5)
     gen = torch.Generator().manual_seed(6)
@@ -610,20 +629,20 @@ def sdxl_peft(sdxl_model):
                         CLIP_TARGETS, seed=14)
     te2 = add_peft_lora(seeded(lambda: hf_clip(open_clip_config(tiny_models.OPEN_CLIP_BIGG)), 15),
                         CLIP_TARGETS, seed=16)
-    sd = {**peft_state_dict(unet, "unet"), **peft_state_dict(te1, "text_encoder.text_model"),
-          **peft_state_dict(te2, "text_encoder_2.text_model")}
+    te_sd = {**peft_state_dict(te1, "text_encoder.text_model"), **peft_state_dict(te2, "text_encoder_2.text_model")}
     deltas = {**peft_deltas(unet, "unet"), **peft_deltas(te1, "text_encoder.text_model"),
               **peft_deltas(te2, "text_encoder_2.text_model")}
-    return unet, sd, deltas, inputs, base_out, diffusers_unet_out(unet, inputs, added)
+    return PeftWorld(unet, peft_state_dict(unet, "unet"), te_sd, deltas, inputs, base_out,
+                     diffusers_unet_out(unet, inputs, added))
 
 
 def test_kohya_conversion_of_a_peft_sdxl_lora_maps_every_key(sdxl_model, sdxl_peft, tmp_path):
-    unet, sd, deltas, *_ = sdxl_peft
+    sd = {**sdxl_peft.unet_sd, **sdxl_peft.te_sd}
     assert any("_upsamplers_0_conv" in k for k in convert_state_dict_to_kohya(sd))
     index = ModelIndex(sdxl_model)
     for name, tensors in (("peft", sd), ("kohya", convert_state_dict_to_kohya(sd))):
         net = load_all(write(tmp_path / f"{name}.safetensors", tensors), index)
-        assert_deltas_are_peft(net, index, deltas)
+        assert_deltas_are_peft(net, index, sdxl_peft.deltas)
         te2 = [t for t in net.adapters if t.module.startswith("conditioner.embedders.1.")]
         assert len(te2) == 6 * tiny_models.OPEN_CLIP_BIGG["layers"]
         assert Target("conditioner.embedders.1.wrapped.model.transformer.resblocks.0.attn", "k") in te2
@@ -637,16 +656,12 @@ def test_kohya_conversion_of_a_peft_sdxl_lora_maps_every_key(sdxl_model, sdxl_pe
 
 
 def test_patched_sdxl_ldm_unet_computes_what_peft_diffusers_computes(fresh_sdxl, sdxl_peft, tmp_path):
-    unet, sd, _, inputs, base_out, lora_out = sdxl_peft
-    index = ModelIndex(fresh_sdxl)
-    ldm_layers = [n for n, m in fresh_sdxl.model.diffusion_model.named_modules() if isinstance(m, COPIED_LAYERS)]
-    assert copy_unet_weights(unet, index) == len(ldm_layers)
-    base = tiny_models.run_unet(fresh_sdxl, inputs)
-    torch.testing.assert_close(base, base_out, rtol=1e-4, atol=1e-5)
-    assert (lora_out - base_out).abs().max() > 1e-2
-    unet_sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
-    net = load_all(write(tmp_path / "kohya.safetensors", convert_state_dict_to_kohya(unet_sd)), index)
-    with Patcher(index) as patcher:
-        patcher.apply(net.plan(index, te=1.0, unet=1.0), "bypass")
-        patched = tiny_models.run_unet(fresh_sdxl, inputs)
-    torch.testing.assert_close(patched - base, lora_out - base_out, rtol=1e-3, atol=1e-4)
+    assert_patched_unet_computes_what_peft_computes(fresh_sdxl, sdxl_peft, "bypass", tmp_path)
+
+
+def test_sd_scripts_oft_prefix_names_the_same_unet_modules():
+    from lora_core.keymap import parse_key
+
+    oft = parse_key("oft_unet_input_blocks_4_1_proj_in.oft_blocks")
+    lora = parse_key("lora_unet_input_blocks_4_1_proj_in.lora_up.weight")
+    assert oft.module == lora.module and oft.param == "oft_blocks"

@@ -144,3 +144,15 @@ def test_malicious_pickle_never_runs(sd1, tmp_path):
 
 def test_errors_share_one_base_class():
     assert issubclass(FamilyMismatchError, LoraError) and issubclass(KeyMappingError, LoraError)
+
+
+def test_bundled_embeddings_are_collected(sd1, tmp_path):
+    root, index, original = sd1
+    sd = make_kohya_lora(index, pick_targets(index, limit_per_kind=1))
+    sd["bundle_emb.mychar.string_to_param.*"] = torch.randn(2, 32)
+    sd["bundle_emb.otherchar.clip_l"] = torch.randn(1, 32)
+    net = load_network(write(tmp_path / "b.safetensors", sd), index)
+    assert set(net.embeddings) == {"mychar", "otherchar"}
+    assert list(net.embeddings["mychar"]) == ["string_to_param.*"]
+    assert torch.equal(net.embeddings["otherchar"]["clip_l"], sd["bundle_emb.otherchar.clip_l"])
+    assert "bundle_emb.mychar.string_to_param.*" in net.report.used

@@ -137,3 +137,16 @@ def test_binding_another_model_restores_the_previous(world, fresh_sd2):
     assert_bitwise(root, original)
     result = runtime.activate([["alpha", "1"]])  # an SD1 file on the SD2 model now
     assert not result.active and "SD1" in result.errors[0] and "SD2" in result.errors[0]
+
+
+def test_unused_keys_become_a_console_note_naming_the_file(world, tmp_path):
+    root, runtime, original, inputs = world
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "beta.safetensors"))
+    sd["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(2, 2)
+    save_file(sd, str(tmp_path / "gamma.safetensors"))
+    result = runtime.activate([["gamma", "1"]])
+    assert [a.entry.name for a in result.active] == ["gamma"] and not result.errors
+    (note,) = result.notes
+    assert "gamma.safetensors" in note and "matched no layer" in note

@@ -8,8 +8,16 @@ import torch
 from ..errors import UnsupportedLayerError
 from .base import Adapter, LayerOp, TargetInfo
 from .lora import LoraAdapter
+from .ia3 import IA3Adapter
+from .oft import OftAdapter
+from .glora import GLoraAdapter
+from .loha import LohaAdapter
+from .lokr import LokrAdapter
+from .full import FullAdapter
+from .norm import NormAdapter
 
-ADAPTERS: list[type[Adapter]] = [LoraAdapter]
+ADAPTERS: list[type[Adapter]] = [LoraAdapter, IA3Adapter, OftAdapter, GLoraAdapter, LohaAdapter, LokrAdapter,
+                                 FullAdapter, NormAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "LayerOp", "TargetInfo", "build_adapter", "LoraAdapter"]
 

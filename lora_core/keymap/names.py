@@ -46,6 +46,9 @@ _OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+_BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
 @dataclass(frozen=True)
 class KeyName:
     module: str  # canonical kohya-style module name
@@ -70,6 +73,10 @@ def parse_key(key: str) -> KeyName | None:
     for prefix, kohya in DOTTED_PREFIXES:
         if key.startswith(prefix):
             return _from_dotted(key, prefix, kohya)
+    if key.startswith(_BARE_UNET):  # diffusers' save_attn_procs wrote UNet keys without the `unet.` prefix
+        return _from_dotted(key, "", "lora_unet_")
+    if key.startswith("oft_unet_"):  # sd-scripts' OFT names the UNet's modules like LoRA, with its own prefix
+        key = "lora_unet_" + key[len("oft_unet_"):]
     for kohya in KOHYA_PREFIXES:
         if key.startswith(kohya):
             module, _, param = key.partition(".")

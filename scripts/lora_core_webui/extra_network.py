@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import logging
+import random
 
 from modules import extra_networks, shared
 
 from lora_core.runtime import Activation
 
-from . import state
+from . import embeddings, state
 
 log = logging.getLogger("lora_core")
 ERRORS_KEY = "Lora errors"
+_noted: set[str] = set()
 HASHES_KEY = "Lora hashes"
 
 
@@ -63,9 +65,17 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
         runtime.library.set_cache_size(int(state.option("lora_core_cache_size", 4)))
         hires = bool(getattr(p, "is_hr_pass", False))
         items = [list(params.items) for params in params_list]
-        if not items and not runtime.patcher.active:
+        if not items and not runtime.patcher.active and not embeddings.registered():
             return
+        if not hires:  # R and U block weights are drawn per generation, reproducibly from its seed
+            seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", 0)]
+            state.block_weights().new_generation(random.Random(f"{seeds[0]}:{getattr(p, 'iteration', 0)}"))
         result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires))
+        embeddings.sync(result.active, result.errors)
+        for note in result.notes:
+            if note not in _noted:  # once per file version and process, not every generation
+                _noted.add(note)
+                print(f"[lora-core] {note}")
         record(p, result, hires)
 
     def deactivate(self, p):

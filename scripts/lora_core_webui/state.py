@@ -6,12 +6,15 @@ import threading
 
 from modules import extensions, paths, shared
 
+from lora_core.blocks import BlockWeights, PresetBook
 from lora_core.library import LoraLibrary
 from lora_core.runtime import LoraRuntime
 
 BUILTIN_NAME = "Lora"
 _lock = threading.Lock()
 _runtime: LoraRuntime | None = None
+_block_weights: BlockWeights | None = None
+_presets_stamp: tuple[float, int] | None = None
 
 
 def lora_roots() -> list[str]:
@@ -27,13 +30,35 @@ def option(name: str, default):
     return getattr(shared.opts, name, default)
 
 
+def presets_path() -> str:
+    """The block-weight presets file: in the WebUI's data folder, so it survives updates of the extension."""
+    return os.path.join(paths.data_path, "lora-core", "lbwpresets.txt")
+
+
+def block_weights() -> BlockWeights:
+    """The block-weight hook, with the presets file re-read when it changed on disk (first run: the defaults)."""
+    global _block_weights, _presets_stamp
+    path = presets_path()
+    if not os.path.exists(path):
+        PresetBook.default().save(path)
+    st = os.stat(path)
+    stamp = (st.st_mtime, st.st_size)
+    if _block_weights is None:
+        _block_weights = BlockWeights(PresetBook.load(path))
+    elif stamp != _presets_stamp:
+        _block_weights.presets = PresetBook.load(path)
+    _presets_stamp = stamp
+    return _block_weights
+
+
 def runtime() -> LoraRuntime:
     global _runtime
     with _lock:
         if _runtime is None:
             library = LoraLibrary(lora_roots(), cache_size=int(option("lora_core_cache_size", 4)))
             library.refresh()
-            _runtime = LoraRuntime(library, mode=option("lora_core_apply_mode", "auto"))
+            _runtime = LoraRuntime(library, mode=option("lora_core_apply_mode", "auto"),
+                                   layer_scale_factory=block_weights())
         return _runtime
 
 

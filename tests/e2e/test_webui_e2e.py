@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from webui import BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, psnr
+from webui import BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, psnr, same_pixels
 
 pytestmark = pytest.mark.e2e
 
@@ -141,23 +141,22 @@ def hashes(g: Generation) -> str | None:
 
 
 def test_lora_changes_the_image(ours_images):
-    assert ours_images[LORA1].png != ours_images["base_before"].png
     assert psnr(ours_images[LORA1], ours_images["base_before"]) < 40
 
 
 def test_zero_weight_is_the_no_lora_image(ours_images, builtin):
-    assert ours_images[LORA0].png == builtin[NO_LORA].png
-    assert builtin[LORA0].png == builtin[NO_LORA].png
+    assert same_pixels(ours_images[LORA0], ours_images["base_before"])
+    assert same_pixels(builtin[NO_LORA], builtin[BASE]) and same_pixels(builtin[LORA0], builtin[BASE])
 
 
 def test_without_the_lora_afterwards_is_the_plain_image(ours_images, builtin):
-    assert ours_images["base_before"].png == builtin[BASE].png
-    assert ours_images["base_after"].png == builtin[BASE].png
+    assert same_pixels(ours_images["base_before"], builtin[BASE])
+    assert same_pixels(ours_images["base_after"], builtin[BASE])
 
 
 @pytest.mark.parametrize("prompt", COMPARED)
 def test_same_image_as_the_builtin(ours_images, builtin, prompt):
-    assert builtin[prompt].png != builtin[NO_LORA].png, "the reference LoRA must change the image"
+    assert not same_pixels(builtin[prompt], builtin[BASE]), "the reference LoRA must change the image"
     value = psnr(ours_images[prompt], builtin[prompt])
     assert value >= 45, f"{prompt}: PSNR {value:.1f} dB against the built-in"
 
@@ -172,11 +171,11 @@ def test_lora_hashes_infotext_equals_the_builtin(ours_images, builtin, prompt):
 def test_bad_input_gives_image_and_error_and_leaves_model_intact(ours, ours_images, builtin, case):
     prompt, expected = BAD[case]
     g = ours.txt2img(prompt)
-    assert g.png, "an image comes back"
+    assert g.pixels.shape == (64, 64, 3), "an image comes back"
     errors = g.params.get("Lora errors", "")
     assert expected in errors, f"{case}: Lora errors = {errors!r}"
     assert "Lora errors" in g.infotext
-    assert ours.txt2img(BASE).png == builtin[BASE].png
+    assert same_pixels(ours.txt2img(BASE), builtin[BASE])
 
 
 def test_api_lists_refreshes_and_inspects(ours):

@@ -49,6 +49,11 @@ class Generation:
         return self.info.get("extra_generation_params", {})
 
 
+def same_pixels(a: Generation, b: Generation) -> bool:
+    """Byte-for-byte image equality (the PNG files differ anyway: they carry the prompt and infotext)."""
+    return bool(np.array_equal(a.pixels, b.pixels))
+
+
 def psnr(a: Generation, b: Generation) -> float:
     mse = float(((a.pixels - b.pixels) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)

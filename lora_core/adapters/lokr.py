@@ -1,0 +1,129 @@
+"""LoKr (LyCORIS): ``dW = scale * kron(w1, w2)`` reshaped to the layer.
+
+Facts (SPEC §5, §6; LyCORIS 4.1.3 ``modules/lokr.py``, ``functional/lokr.py`` and A1111's ``network_lokr.py``):
+
+- ``w1`` (a, c) is ``lokr_w1`` or ``lokr_w1_a`` (a, r) @ ``lokr_w1_b`` (r, c).
+- ``w2`` (b, d, ...) is ``lokr_w2`` (b, d) or, on a conv, (b, d, k, k); or ``lokr_w2_a`` (b, r) @ ``lokr_w2_b``
+  (r, d * k * k); or Tucker: ``lokr_t2`` (r, r, k, k) with ``lokr_w2_a`` (r, b) and ``lokr_w2_b`` (r, d).
+  A 4-d ``w2`` makes ``w1`` (a, c, 1, 1); a 2-d one gives (a * b, c * d * k * k), which is the layer's
+  (out, in, k, k) in row-major order. Either way out = a * b.
+- The scale alpha / r applies only when a factor is decomposed (r = the first dimension of ``lokr_w2_b``, else
+  of ``lokr_w1_b``); with both factors full the scale is 1 whatever alpha says (LyCORIS writes alpha = its
+  rank argument then and ignores it; A1111 has no rank then and uses 1). Alpha missing or 0 means 1.
+- ``dora_scale``: DoRA as for LoRA. ``lokr_t1`` is in LyCORIS's key list but no LyCORIS version writes it: it is
+  not read (so it is reported).
+
+LyCORIS's ``get_diff_weight``/``merge_to`` apply the scale twice; its forward and A1111 once. We follow the
+forward. On a Linear layer without DoRA the bypass never forms the (out, in) delta:
+``kron(w1, w2) @ vec(X) = vec(w1 @ X @ w2^T)`` with the input viewed as (c, d).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import UnsupportedLayerError
+from .base import Adapter, Bypass, LayerOp, TargetInfo, fit_shape, numel, scalar
+from .lora import alpha_scale
+from .loha import cast, tucker_rebuild, with_dora
+
+
+class LokrAdapter(Adapter):
+    algorithm = "lokr"
+    keys = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                      "alpha", "scale", "dora_scale"})
+
+    def __init__(self, params: Mapping[str, torch.Tensor], scale: float, w1_shape: tuple[int, int],
+                 w2_shape: tuple[int, ...], target: TargetInfo):
+        self.w1, self.w1a, self.w1b = params.get("lokr_w1"), params.get("lokr_w1_a"), params.get("lokr_w1_b")
+        self.w2, self.w2a, self.w2b = params.get("lokr_w2"), params.get("lokr_w2_a"), params.get("lokr_w2_b")
+        self.t2 = params.get("lokr_t2")
+        self.dora_scale = params.get("dora_scale")
+        self.scale = scale
+        self.w1_shape, self.w2_shape = w1_shape, w2_shape
+        self.shape = target.shape
+
+    @classmethod
+    def load(cls, params: Mapping[str, torch.Tensor], target: TargetInfo) -> "LokrAdapter | None":
+        if not any(k.startswith("lokr_") for k in params):
+            return None
+        has_w1 = "lokr_w1" in params or ("lokr_w1_a" in params and "lokr_w1_b" in params)
+        has_w2 = "lokr_w2" in params or ("lokr_w2_a" in params and "lokr_w2_b" in params)
+        if not (has_w1 and has_w2):
+            raise UnsupportedLayerError(f"{target.name}: incomplete LoKr (it needs lokr_w1 or lokr_w1_a/b, and "
+                                        f"lokr_w2 or lokr_w2_a/b; the file has {', '.join(sorted(params))})")
+        w1_shape, w2_shape = cls._factor_shapes(params, target.name)
+        out = w1_shape[0] * w2_shape[0]
+        if out != target.shape[0] or numel(w1_shape) * numel(w2_shape) != numel(target.shape):
+            raise UnsupportedLayerError(f"{target.name}: the LoKr's factors {w1_shape} x {w2_shape} do not fit "
+                                        f"the layer's {target.shape}")
+        decomposed = [params[k] for k in ("lokr_w2_b", "lokr_w1_b") if k in params and k[:-2] not in params]
+        rank = decomposed[0].shape[0] if decomposed else None
+        alpha = scalar(params.get("alpha")) if rank else None  # both factors full: alpha is not used
+        scale = alpha_scale(alpha, rank or 1, scalar(params.get("scale")))
+        return cls(params, scale, w1_shape, w2_shape, target)
+
+    @staticmethod
+    def _factor_shapes(params: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, int], tuple[int, ...]]:
+        def bad(what: str) -> UnsupportedLayerError:
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(params.items()) if k.startswith("lokr_"))
+            return UnsupportedLayerError(f"{name}: LoKr {what} has inconsistent shapes ({shapes})")
+
+        if "lokr_w1" in params:
+            w1_shape = tuple(params["lokr_w1"].shape)
+        else:
+            a, b = params["lokr_w1_a"], params["lokr_w1_b"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+                raise bad("w1")
+            w1_shape = (a.shape[0], b.shape[1])
+        if len(w1_shape) != 2:
+            raise bad("w1")
+        if "lokr_w2" in params:
+            return w1_shape, tuple(params["lokr_w2"].shape)
+        a, b, t = params["lokr_w2_a"], params["lokr_w2_b"], params.get("lokr_t2")
+        if t is not None:
+            if a.dim() != 2 or b.dim() != 2 or tuple(t.shape[:2]) != (a.shape[0], b.shape[0]):
+                raise bad("w2")
+            return w1_shape, (a.shape[1], b.shape[1], *t.shape[2:])
+        if a.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise bad("w2")
+        return w1_shape, (a.shape[0], numel(tuple(b.shape[1:])))
+
+    # ------------------------------------------------------------------ weights
+    def _w1(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.w1 is not None:
+            return cast(self.w1, device, dtype)
+        return cast(self.w1a, device, dtype) @ cast(self.w1b, device, dtype)
+
+    def _w2(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.w2 is not None:
+            return cast(self.w2, device, dtype)
+        a, b = cast(self.w2a, device, dtype), cast(self.w2b, device, dtype)
+        if self.t2 is not None:
+            return tucker_rebuild(cast(self.t2, device, dtype), a, b)
+        return a @ b.reshape(b.shape[0], -1)
+
+    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
+        w1, w2 = self._w1(base.device, torch.float32), self._w2(base.device, torch.float32)
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
+        dw = fit_shape(torch.kron(w1, w2.contiguous()) * self.scale, self.shape, "LoKr")
+        return with_dora(dw, base, self.dora_scale)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.dora_scale is not None
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        if op.kind != "linear" or self.dora_scale is not None or len(self.w2_shape) != 2:
+            return None
+        w1, w2 = self._w1(device, dtype), self._w2(device, dtype)
+        (a, c), (b, d) = self.w1_shape, self.w2_shape
+        s = self.scale
+
+        def h(x: torch.Tensor) -> torch.Tensor:
+            grid = x.reshape(*x.shape[:-1], c, d)  # x = vec(X), X (c, d) row-major
+            return (w1 @ (grid @ w2.T)).reshape(*x.shape[:-1], a * b) * s
+
+        return h
