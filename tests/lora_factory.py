@@ -133,3 +133,63 @@ def expected_delta(tensors: dict[str, torch.Tensor], weight: torch.Tensor, dyn: 
             norm = torch.stack([merged[i].norm() for i in range(merged.shape[0])]).reshape(mag.shape)
         dw = merged * mag / norm - w0
     return dw
+
+
+def _divisor(n: int, near: int) -> int:
+    """A divisor of n close to ``near`` (1 if n is prime)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
+
+
+def lycoris_tensors(kind: str, weight_shape: tuple[int, ...], gen: torch.Generator, rank: int = 4,
+                    std: float = 0.05) -> dict[str, torch.Tensor]:
+    """Random non-zero tensors in the key layout LyCORIS writes, for property tests over every algorithm
+    (the algorithms' math is proven against lycoris-lora itself in test_lycoris_a/b.py)."""
+    out_dim = weight_shape[0]
+    rest = math.prod(weight_shape[1:])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen) * std
+
+    if kind == "loha":
+        return {"hada_w1_a": rnd(out_dim, rank), "hada_w1_b": rnd(rank, rest) * 10,
+                "hada_w2_a": rnd(out_dim, rank), "hada_w2_b": rnd(rank, rest) * 10, "alpha": torch.tensor(2.0)}
+    if kind == "lokr":
+        a, c = _divisor(out_dim, 4), _divisor(rest, 4)
+        return {"lokr_w1": rnd(a, c) * 10, "lokr_w2_a": rnd(out_dim // a, rank), "lokr_w2_b": rnd(rank, rest // c),
+                "alpha": torch.tensor(float(rank))}
+    if kind == "full":
+        return {"diff": rnd(*weight_shape)}
+    if kind == "ia3":
+        return {"weight": rnd(out_dim)}
+    if kind == "norm":
+        return {"w_norm": rnd(out_dim), "b_norm": rnd(out_dim)}
+    if kind == "oft":
+        b = _divisor(out_dim, 8)
+        return {"oft_blocks": rnd(out_dim // b, b, b), "alpha": torch.tensor(0.0)}
+    raise ValueError(kind)
+
+
+def make_lycoris(index: ModelIndex, targets: Iterable[Target], kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for target in targets:
+        name = kohya_name_of(index, target)
+        for k, v in lycoris_tensors(kind, index.weight_shape(target), gen).items():
+            sd[f"{name}.{k}"] = v
+    return sd
+
+
+def assert_both_modes_give(index: ModelIndex, net, target: Target, run, want: torch.Tensor, m: float,
+                           tag: object = "", tolerance: float = 1e-5) -> None:
+    """Bypass and merged each make ``run()`` (the layer's output) equal ``want`` within ``tolerance`` relative,
+    and the weight is back bit for bit afterwards."""
+    from lora_core.patch import Patcher
+
+    base = index.weight(target).detach().clone()
+    with Patcher(index) as patcher:
+        for mode in ("bypass", "merged"):
+            patcher.apply(net.plan(index, te=m, unet=m), mode)
+            got = run()
+            err = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+            assert err < tolerance, (tag, mode, m, err)
+    assert torch.equal(index.weight(target), base)

@@ -30,7 +30,7 @@ from lora_core.adapters import LayerOp, TargetInfo, build_adapter
 from lora_core.model_index import MHA_PARTS, ModelIndex, Target
 from lora_core.network import load_network
 from lora_core.patch import Patcher
-from lora_factory import kohya_name_of
+from lora_factory import kohya_name_of, assert_both_modes_give
 from test_lora_math import TOLERANCE, rel_err
 
 lycoris = pytest.importorskip("lycoris.modules")
@@ -294,12 +294,7 @@ def test_matches_lycoris_fp32(case_id, request, tmp_path):
             if not (case.dora and m != 1.0):  # LyCORIS's DoRA is not linear in m (module docstring)
                 same_layer = want if target.part is None else part_output(index, target, oracle, args, m)
                 assert rel_err(same_layer, lycoris_output(oracle, args, m)) < 1e-5, (role, m)
-            with Patcher(index) as patcher:
-                for mode in ("bypass", "merged"):
-                    patcher.apply(net.plan(index, te=m, unet=m), mode)
-                    got = run_layer(module, args)
-                    assert rel_err(got, want) < 1e-5, (case_id, role, mode, m, rel_err(got, want))
-            assert torch.equal(index.weight(target), base)
+            assert_both_modes_give(index, net, target, lambda: run_layer(module, args), want, m, (case_id, role))
         assert torch.equal(run_layer(module, args), before)
     assert case.writes <= written, f"{case_id} did not produce {sorted(case.writes - written)}"
 

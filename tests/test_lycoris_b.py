@@ -31,7 +31,7 @@ import tiny_models
 from lora_core.model_index import ModelIndex, Target
 from lora_core.network import load_network
 from lora_core.patch import Patcher
-from lora_factory import kohya_name_of
+from lora_factory import kohya_name_of, assert_both_modes_give
 from test_lora_math import TOLERANCE, explicit_layer, layer_input, layer_targets, rel_err, run_layer
 
 MULTIPLIERS = (1.0, -0.6)
@@ -182,12 +182,7 @@ def test_matches_lycoris_fp32(models, tmp_path, family, case_id):
             lycoris_is_ours = case.lycoris_m == "linear" or m == 1.0
             if lycoris_is_ours and not isinstance(module, nn.MultiheadAttention):
                 assert rel_err(lycoris_forward(lyco, layer, args[0], m), want) < 1e-5, (case_id, role, m)
-            with Patcher(index) as patcher:
-                for mode in ("bypass", "merged"):
-                    patcher.apply(net.plan(index, te=m, unet=m), mode)
-                    got = run_layer(module, args)
-                    assert rel_err(got, want) < 1e-5, (case_id, role, mode, m, rel_err(got, want))
-            assert torch.equal(index.weight(target), base)
+            assert_both_modes_give(index, net, target, lambda: run_layer(module, args), want, m, (case_id, role))
         assert torch.equal(run_layer(module, args), before)
 
 

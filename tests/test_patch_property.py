@@ -15,7 +15,7 @@ from lora_core.errors import NonFiniteWeightError
 from lora_core.model_index import ModelIndex
 from lora_core.network import load_network
 from lora_core.patch import Patcher
-from lora_factory import LoraSpec, make_kohya_lora, pick_targets
+from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
 
 
 class Injected(RuntimeError):
@@ -63,24 +63,37 @@ def assert_bitwise(root: torch.nn.Module, original: Snapshot, only: Iterable[str
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The SD2 tiny model (UNet convs/linears + OpenCLIP MultiheadAttention) with four networks on overlapping layers."""
+    """The SD2 tiny model (UNet convs/linears/norms + OpenCLIP MultiheadAttention) with networks of every
+    algorithm on overlapping layers."""
     from tiny_models import build_sd2
 
     root = build_sd2(seed=3)
     index = ModelIndex(root)
     targets = pick_targets(index, limit_per_kind=6)
+    linears = [t for t in targets if not isinstance(index.module(t), torch.nn.Conv2d)]
+    convs = [t for t in targets if isinstance(index.module(t), torch.nn.Conv2d)]
+    norms = pick_targets(index, kinds=(torch.nn.GroupNorm, torch.nn.LayerNorm), limit_per_kind=3)
     specs = [LoraSpec(), LoraSpec(rank=2, tucker=True), LoraSpec(dora=True), LoraSpec(bias=True, alpha=None)]
-    nets = []
+    state_dicts = []
     for i, spec in enumerate(specs):
         chosen = targets[i::2] if i % 2 else targets[: len(targets) - i]
+        state_dicts.append(make_kohya_lora(index, chosen, spec, seed=i))
+    for i, (kind, chosen) in enumerate([("loha", linears), ("lokr", linears[1:]), ("ia3", linears[::2]),
+                                        ("oft", linears[:4]), ("full", convs), ("norm", norms)]):
+        state_dicts.append(make_lycoris(index, chosen, kind, seed=10 + i))
+    nets = []
+    for i, sd in enumerate(state_dicts):
         path = tmp_path_factory.mktemp("nets") / f"net{i}.safetensors"
-        save_file(make_kohya_lora(index, chosen, spec, seed=i), str(path))
-        nets.append(load_network(path, index))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        net = load_network(path, index)
+        assert not net.report.problems and not net.report.unused, net.report.summary()
+        nets.append(net)
+    assert {a.algorithm for n in nets for a in n.adapters.values()} >= {"lora", "loha", "lokr", "ia3", "oft", "full", "norm"}
     return root, index, nets, snapshot(root)
 
 
 op = st.one_of(
-    st.tuples(st.just("apply"), st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+    st.tuples(st.just("apply"), st.lists(st.integers(0, 9), min_size=1, max_size=5, unique=True),
               st.sampled_from(["bypass", "merged"]), st.floats(-2, 2, allow_nan=False, width=32)),
     st.tuples(st.just("multiplier"), st.floats(-2, 2, allow_nan=False, width=32)),
     st.tuples(st.just("restore")),
@@ -124,10 +137,10 @@ def test_any_sequence_restores_bitwise(world, ops, monkeypatch):
                     return _real(self, layer)
 
                 monkeypatch.setattr(Patcher, method, flaky)
-                plan = [e for i in (0, 1, 2, 3) for e in nets[i].plan(index, 0.7, 0.3)]
+                plan = [e for i in range(len(nets)) for e in nets[i].plan(index, 0.7, 0.3)]
                 try:
                     patcher.apply(plan, fail_mode)
-                    mode, current = fail_mode, [0, 1, 2, 3]
+                    mode, current = fail_mode, list(range(len(nets)))
                 except Injected:
                     assert not patcher.active
                     assert_bitwise(root, original)

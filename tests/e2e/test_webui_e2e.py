@@ -40,7 +40,10 @@ LORA1 = "a cat <lora:test_lora:1>"
 LORA0 = "a cat <lora:test_lora:0>"
 LOCON = "a cat <lora:e2e_locon:0.8>"
 STACK = "a cat <lora:test_lora:0.7:0.3> <lora:e2e_locon:-0.5:1>"
-COMPARED = [LORA1, LOCON, STACK]
+LOHA = "a cat <lora:test_loha:1>"
+LOKR = "a cat <lora:test_lokr:1>"
+COMPARED = [LORA1, LOCON, STACK, LOHA, LOKR]
+LBW = {name: f"a cat <lora:test_lora:1:1:lbw={name}>" for name in ("ALL", "NONE", "MIDD")}
 BAD = {
     "corrupt": ("a cat <lora:e2e_corrupt:1>", "e2e_corrupt"),
     "unknown": ("a cat <lora:e2e_no_such_lora:1>", "e2e_no_such_lora"),
@@ -129,7 +132,7 @@ def ours(lora_files, builtin, tmp_path_factory):
 def ours_images(ours):
     """Our images, in an order that also proves restore: base first, LoRAs, base again."""
     images = {"base_before": ours.txt2img(BASE)}
-    for p in [LORA1, LORA0, *COMPARED[1:]]:
+    for p in [LORA1, LORA0, *COMPARED[1:], *LBW.values()]:
         images[p] = ours.txt2img(p)
     images["base_after"] = ours.txt2img(BASE)
     return images
@@ -159,6 +162,16 @@ def test_same_image_as_the_builtin(ours_images, builtin, prompt):
     assert not same_pixels(builtin[prompt], builtin[BASE]), "the reference LoRA must change the image"
     value = psnr(ours_images[prompt], builtin[prompt])
     assert value >= 45, f"{prompt}: PSNR {value:.1f} dB against the built-in"
+
+
+def test_block_weights_in_the_webui(ours_images):
+    """test_lora trains attention layers only, which the 17-form ALL keeps (BASE too): ALL = no lbw;
+    NONE (all zeros, BASE too) = no LoRA; MIDD keeps some blocks only: a third image."""
+    assert same_pixels(ours_images[LBW["ALL"]], ours_images[LORA1])
+    assert same_pixels(ours_images[LBW["NONE"]], ours_images["base_before"])
+    midd = ours_images[LBW["MIDD"]]
+    assert not same_pixels(midd, ours_images[LORA1]) and not same_pixels(midd, ours_images["base_before"])
+    assert "Lora errors" not in midd.infotext
 
 
 @pytest.mark.parametrize("prompt", [LORA1, STACK])
