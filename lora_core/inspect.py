@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .blocks import block_norms
 from .errors import LoraFileError
 from .library import LoraEntry
 from .runtime import LoraRuntime
@@ -22,7 +23,7 @@ def describe(runtime: LoraRuntime, name: str) -> dict[str, Any]:
     """Family, algorithms, ranks, alphas, layer counts and the fate of every key, for the loaded model.
 
     Raises LoraError (not found, unreadable, wrong family, nothing matches)."""
-    entry = runtime.library.resolve(name)
+    entry = runtime.resolve(name)
     info: dict[str, Any] = listing(entry)
     info.update(hash=entry.hash, shorthash=entry.shorthash, sd_version=entry.sd_version)
     index = runtime.index
@@ -37,11 +38,14 @@ def describe(runtime: LoraRuntime, name: str) -> dict[str, Any]:
         family=network.family,
         model_family=index.family,
         algorithms=network.algorithms(),
-        ranks=dict(Counter(getattr(a, "rank", None) for a in adapters.values())),
-        scales=dict(Counter(round(getattr(a, "scale", 1.0), 6) for a in adapters.values())),
+        # JSON object keys must be strings (the WebUI serialises with orjson, which refuses others)
+        ranks={str(k): n for k, n in Counter(getattr(a, "rank", None) for a in adapters.values()).items()},
+        scales={str(k): n for k, n in Counter(round(getattr(a, "scale", 1.0), 6)
+                                              for a in adapters.values()).items()},
         layers={"total": len(adapters), "te": te, "unet": len(adapters) - te},
         keys={"total": report.total, "used": len(report.used), "unmatched": report.unmatched,
               "unknown": report.unknown, "unused": report.unused, "problems": report.problems},
         embeddings=sorted(network.embeddings),
+        block_norms=block_norms(network, index),  # the LoRA's influence per block: sum of ||dW|| at weight 1
     )
     return info

@@ -65,6 +65,7 @@ class LoraRuntime:
         self._active: list[ActiveLora] = []
         self._hires = False
         self._applied_mode = "none"
+        self._last_set: tuple | None = None  # (files, weights) of the last static generation, for `auto`
 
     # ------------------------------------------------------------------ the model
     @property
@@ -95,6 +96,7 @@ class LoraRuntime:
         self._model_token = f"model{next(self._tokens)}"
         self._active = []
         self._applied_mode = "none"
+        self._last_set = None
         self.library.clear_cache()
 
     # ------------------------------------------------------------------ a generation
@@ -144,7 +146,7 @@ class LoraRuntime:
             return None
         label = request.raw or request.name
         try:
-            entry = self._resolve(request.name)
+            entry = self.resolve(request.name)
             network = self.load(entry)
             scale = self._layer_scale(request, network, label, result)
         except (LoraError, ValueError) as e:
@@ -170,7 +172,8 @@ class LoraRuntime:
             result.errors.append(f"<lora:{label}>: {e}; applied without block weights")
             return None
 
-    def _resolve(self, name: str) -> LoraEntry:
+    def resolve(self, name: str) -> LoraEntry:
+        """The entry of a name; the folders are re-scanned once when the name is not known yet."""
         try:
             return self.library.resolve(name)
         except LoraNotFoundError:
@@ -185,9 +188,18 @@ class LoraRuntime:
         return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
     def _choose_mode(self, active: list[ActiveLora], sweep: bool) -> str:
+        """``auto``: merged for a steady set; bypass when weights change within a run (schedules, start/stop, a
+        sweep) or only the weights changed since the last generation (a re-merge would cost more than the
+        generation's bypass overhead; the same weights again next time are merged)."""
         if self.mode in ("merged", "bypass"):
             return self.mode
         if sweep or not all(lora.request.is_static() for lora in active):
+            return "bypass"
+        files = tuple((lora.entry.path, lora.request.dyn, lora.request.lbw, lora.request.lbwe) for lora in active)
+        weights = tuple(lora.request.pass_weights(self._hires) for lora in active)
+        previous = self._last_set
+        self._last_set = (files, weights)
+        if previous is not None and previous[0] == files and previous[1] != weights:
             return "bypass"
         return "merged"
 

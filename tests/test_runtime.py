@@ -150,3 +150,19 @@ def test_unused_keys_become_a_console_note_naming_the_file(world, tmp_path):
     assert [a.entry.name for a in result.active] == ["gamma"] and not result.errors
     (note,) = result.notes
     assert "gamma.safetensors" in note and "matched no layer" in note
+
+
+def test_auto_mode_uses_bypass_when_only_weights_changed(world):
+    root, runtime, original, inputs = world
+    modes = [runtime.activate(items).mode for items in (
+        [["alpha", "1"]],        # new set: merged
+        [["alpha", "0.5"]],      # same file, new weight: bypass (no re-merge)
+        [["alpha", "0.7"]],      # sweeping on: bypass
+        [["alpha", "0.7"]],      # steady again: merged
+        [["alpha", "0.7"], ["beta", "1"]],  # another set: merged
+    )]
+    assert modes == ["merged", "bypass", "bypass", "merged", "merged"]
+    runtime.mode = "merged"
+    assert runtime.activate([["alpha", "0.2"]]).mode == "merged"  # a forced mode wins
+    runtime.restore()
+    assert_bitwise(root, original)
