@@ -193,48 +193,45 @@ class Patcher:
         layer.created.clear()
 
     # ------------------------------------------------------------------ merged
-    def _deltas(self, layer: _Layer, device: torch.device) -> dict[str, torch.Tensor]:
-        """Sum of m_i * dW_i (and bias deltas) per parameter path, float32 on ``device``."""
+    def _merged_values(self, layer: _Layer, device: torch.device) -> dict[str, torch.Tensor]:
+        """``W0 + sum_i m_i dW_i`` (and biases) per parameter path, float32 on ``device``.
+
+        Deltas are accumulated straight into one float32 copy of each parameter (``Adapter.add_delta``, a fused
+        ``addmm_`` for plain LoRA): merging is bound by memory passes over the touched weights.
+        """
         module = layer.module
+        paths = _param_paths(module)
         out: dict[str, torch.Tensor] = {}
 
-        def add(path: str, value: torch.Tensor, rows: slice | None = None) -> None:
+        def buffer(path: str, like: torch.Tensor | None = None) -> torch.Tensor:
             if path not in out:
-                owner, attr = _param_paths(module)[path]
+                owner, attr = paths[path]
                 current = getattr(owner, attr)
                 if current is not None:
-                    shape = current.shape
+                    out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True)
                 else:  # a bias the layer does not have yet
-                    shape = value.shape if rows is None else (3 * module.embed_dim,)
-                out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
-            if rows is None:
-                out[path] += value
-            else:
-                out[path][rows] += value
+                    shape = (3 * module.embed_dim,) if path == "in_proj_bias" else like.shape
+                    out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
+            return out[path]
 
         for entry, m in zip(layer.entries, layer.multipliers):
             if m == 0:
                 continue
             target = entry.target
-            base = self.index.weight(target)
-            dw = entry.adapter.delta_weight(base.detach().to(device), entry.dyn)
-            base_bias = self._bias_of(target)
-            db = entry.adapter.delta_bias(base_bias, device)
-            if isinstance(module, nn.MultiheadAttention):
-                if target.part == "out":
-                    add("out_proj.weight", m * dw)
-                    if db is not None:
-                        add("out_proj.bias", m * db)
-                else:
-                    d = module.embed_dim
-                    rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
-                    add("in_proj_weight", m * dw, rows)
-                    if db is not None:
-                        add("in_proj_bias", m * db, rows)
+            base = self.index.weight(target).detach()
+            db = entry.adapter.delta_bias(self._bias_of(target), device)
+            if isinstance(module, nn.MultiheadAttention) and target.part != "out":
+                d = module.embed_dim
+                rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
+                weight_view = buffer("in_proj_weight")[rows]
+                bias_view = None if db is None else buffer("in_proj_bias")[rows]
             else:
-                add("weight", m * dw)
-                if db is not None:
-                    add("bias", m * db)
+                prefix = "out_proj." if isinstance(module, nn.MultiheadAttention) else ""
+                weight_view = buffer(prefix + "weight")
+                bias_view = None if db is None else buffer(prefix + "bias", db)
+            entry.adapter.add_delta(weight_view, base.to(device), m, entry.dyn)
+            if db is not None:
+                bias_view.add_(db, alpha=m)
         return out
 
     def _bias_of(self, target: Target) -> torch.Tensor | None:
@@ -253,17 +250,11 @@ class Patcher:
         paths = _param_paths(layer.module)
         weight_path = "in_proj_weight" if isinstance(layer.module, nn.MultiheadAttention) else "weight"
         device = getattr(paths[weight_path][0], paths[weight_path][1]).device
-        deltas = self._deltas(layer, device)
         new_values: dict[str, torch.Tensor] = {}
-        for path, delta in deltas.items():
+        for path, new in self._merged_values(layer, device).items():
             owner, attr = paths[path]
             current = getattr(owner, attr)
-            if current is None:
-                new = delta
-                dtype = getattr(owner, "weight").dtype
-            else:
-                new = current.detach().float() + delta
-                dtype = current.dtype
+            dtype = getattr(owner, "weight").dtype if current is None else current.dtype
             if not bool(torch.isfinite(new).all()):
                 labels = ", ".join(sorted({e.label or e.adapter.algorithm for e in layer.entries}))
                 raise NonFiniteWeightError(f"{layer.name}: applying {labels} would write NaN/Inf into "

@@ -105,6 +105,15 @@ class LoraAdapter(Adapter):
         base32 = base.float()
         return dora_rescale(base32 + dw, base32, self.dora_scale.to(base.device))
 
+    def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
+        alpha = multiplier * self.scale
+        if self.dora_scale is not None or self.bias is not None or self.mid is not None or \
+                not abs(alpha) <= torch.finfo(torch.float32).max:  # addmm_ refuses what float32 cannot hold
+            return super().add_delta(out, base, multiplier, dyn)
+        up, down, _ = self._factors(out.device, torch.float32, dyn)
+        # one fused pass: out (out_dim x rest) += (m * scale) * up @ down
+        out.view(out.shape[0], -1).addmm_(up, down.reshape(down.shape[0], -1), alpha=alpha)
+
     @property
     def needs_base(self) -> bool:
         return self.dora_scale is not None

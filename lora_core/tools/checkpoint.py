@@ -18,8 +18,9 @@ memory-mapped, so what was read stays in the OS page cache and not in this proce
 
 **Writing** (:class:`StreamingWriter`): ``safetensors.save_file`` needs every tensor in memory at once; this writer
 lays out the header first (shapes and dtypes are known before any value is computed), then takes the tensors one
-by one, so a merge holds about one tensor, not one model. The bytes are those ``safetensors`` itself writes
-(tensor order: dtype then name; header padded to 8 bytes); the test suite checks byte equality. ``sshs_model_hash``
+by one, so a merge holds about one tensor, not one model. The layout is the one ``safetensors`` itself writes
+(tensor order: dtype then name; compact JSON header padded to 8 bytes), so the data section, and with it the
+hash, is the same; only the order of metadata keys may differ (safetensors keeps them in a hash map). ``sshs_model_hash``
 (sha256 of the data section, i.e. ``io.addnet_hash`` of the result) is hashed on the fly and written into a
 fixed-width placeholder of the header at the end; ``sshs_legacy_hash`` is sd-scripts' (the 64 KiB at 1 MiB of the
 file as serialised with only the ``ss_*`` metadata, first 8 hex digits). The file goes to a temporary name in the

@@ -116,8 +116,13 @@ def find_lora(name: str, lora_dirs: Sequence[str | os.PathLike] = ()) -> Path:
                                                   f"{', '.join(map(str, lora_dirs))})" if lora_dirs else ""))
 
 
-def as_item(item: LoraItem | str, lora_dirs: Sequence[str | os.PathLike] = ()) -> LoraItem:
-    return item if isinstance(item, LoraItem) else parse_item(item, lora_dirs)
+def as_item(item: LoraItem | str | os.PathLike, lora_dirs: Sequence[str | os.PathLike] = ()) -> LoraItem:
+    """A LoraItem as it is; a path: that file at ratio 1; a text: :func:`parse_item`."""
+    if isinstance(item, LoraItem):
+        return item
+    if isinstance(item, os.PathLike):
+        return LoraItem(find_lora(os.fspath(item)))
+    return parse_item(item, lora_dirs)
 
 
 def block_table(blocks: str | None, family: str, presets: PresetBook | None = None,

@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import torch
-
 from ..blocks import PresetBook
 from .checkpoint import CheckpointReader, StreamingWriter, all_specs, check_output, save_dtype_for
 from .common import Progress, ToolError, block_table, dtype_of, same_family, step

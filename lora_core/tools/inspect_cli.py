@@ -68,14 +68,7 @@ def _norms_on_model(path: Path, model: str | os.PathLike) -> dict[str, float]:
 
 
 def _module_row(module) -> dict[str, Any]:
-    algorithm = "lora" if "lora_down.weight" in module.params else None
-    try:
-        algorithm = module.adapter().algorithm
-    except UnsupportedLayerError:
-        pass  # an algorithm that needs the layer: named by its keys below
-    if algorithm is None:
-        algorithm = "+".join(sorted(module.params))
-    return {"name": module.name, "algorithm": algorithm, "rank": module.rank, "alpha": module.alpha,
+    return {"name": module.name, "algorithm": module.algorithm, "rank": module.rank, "alpha": module.alpha,
             "block": block_of_name(module.name)}
 
 

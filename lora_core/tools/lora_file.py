@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Adapter, LayerOp, TargetInfo, build_adapter
+from ..adapters import ADAPTERS, Adapter, LayerOp, TargetInfo, build_adapter
 from ..adapters.loha import LohaAdapter
 from ..adapters.lokr import LokrAdapter
 from ..adapters.base import scalar
@@ -35,6 +35,13 @@ class FileModule:
         """up/down (+alpha/scale) only: what sum and concat merges and sd-scripts' resize handle."""
         return {"lora_up.weight", "lora_down.weight"} <= set(self.params) and \
             set(self.params) <= {"lora_up.weight", "lora_down.weight", "alpha", "scale"}
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm whose keys these are (``+dora`` with a ``dora_scale``); 'unknown' for none."""
+        specific = set(self.params) - {"alpha", "scale", "dora_scale"}
+        name = next((cls.algorithm for cls in ADAPTERS if specific and specific <= cls.keys), "unknown")
+        return name + ("+dora" if "dora_scale" in self.params else "")
 
     @property
     def rank(self) -> int | None:

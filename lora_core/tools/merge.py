@@ -131,7 +131,7 @@ def _metadata(reader: CheckpointReader, output: Path, merged: Sequence[MergedLor
             RECIPE_KEY: json.dumps(recipe), **(extra or {})}
 
 
-def merge_into(checkpoint: str | os.PathLike, loras: Sequence[LoraItem | str], output: str | os.PathLike, *,
+def merge_into(checkpoint: str | os.PathLike, loras: Sequence[LoraItem | str | os.PathLike], output: str | os.PathLike, *,
                save_precision: str = "fp16", compute_precision: str = "fp32", device: str = "cpu",
                presets: PresetBook | None = None, lora_dirs: Sequence[str | os.PathLike] = (),
                metadata: Mapping[str, str] | None = None, overwrite: bool = False,

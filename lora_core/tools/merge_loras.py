@@ -138,7 +138,7 @@ def _one_or_dynamic(values: set) -> str:
     return str(next(iter(values))) if len(values) == 1 else "Dynamic"
 
 
-def merge_loras(loras: Sequence[LoraItem | str], output: str | os.PathLike, *, mode: str = "svd",
+def merge_loras(loras: Sequence[LoraItem | str | os.PathLike], output: str | os.PathLike, *, mode: str = "svd",
                 rank: int | None = None, conv_rank: int | None = None, clamp_quantile: float | None = 0.99,
                 same_to_strength: bool = False, save_precision: str = "fp32", device: str = "cpu",
                 presets: PresetBook | None = None, lora_dirs: Sequence[str | os.PathLike] = (),

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 
-from ..errors import LoraFileError
 from .checkpoint import check_output
 from .common import Progress, ToolError, dtype_of, step
 from .lora_file import FileModule, read_lora
