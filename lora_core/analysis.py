@@ -33,7 +33,7 @@ __all__ = [
     "DEFAULT_THRESHOLD", "BlockDiff", "LoraTag", "analyzer_grid", "analyzer_lbw", "difference", "diff_image",
     "edit_loras", "expand_weight_values", "full_form_weights", "images_needed", "labelled_grid", "lora_tags",
     "parse_block_assignments", "parse_range", "parse_steps", "percent_label", "percent_table", "percent_summary",
-    "select_blocks", "split_target", "with_block_weights",
+    "select_blocks", "split_target", "with_block_weights", "with_weight",
 ]
 
 DEFAULT_THRESHOLD = 20

@@ -166,3 +166,17 @@ def test_auto_mode_uses_bypass_when_only_weights_changed(world):
     assert runtime.activate([["alpha", "0.2"]]).mode == "merged"  # a forced mode wins
     runtime.restore()
     assert_bitwise(root, original)
+
+
+def test_a_session_of_generations_ends_bitwise_original(world):
+    """The e2e suite's order: LoRA at 1 (merged), at 0 (weights-only change: bypass), other sets, block
+    weights, then nothing: the model must be the original bit for bit."""
+    root, runtime, original, inputs = world
+    plain = unet_out(root, inputs)
+    for items in ([["alpha", "1"]], [["alpha", "0"]], [["beta", "0.8"]], [["alpha", "0.7", "0.3"], ["beta", "-0.5", "1"]],
+                  [["alpha", "1", "1", "lbw=ALL"]], [["alpha", "1", "1", "lbw=NONE"]], [["alpha", "1", "1", "lbw=MIDD"]]):
+        result = runtime.activate(items)
+        assert result.active, result.errors
+    runtime.activate([])
+    assert_bitwise(root, original)
+    assert torch.equal(unet_out(root, inputs), plain)

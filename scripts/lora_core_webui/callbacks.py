@@ -11,7 +11,7 @@ from modules import extra_networks, script_callbacks, shared
 from lora_core import inspect
 from lora_core.errors import LoraError
 
-from . import state
+from . import analyzer, lbw_tab, state, tools_tab, xyz
 from .extra_network import ExtraNetworkLoraCore
 
 SECTION = ("lora_core", "LoRA (lora-core)")
@@ -25,14 +25,28 @@ def register() -> None:
     script_callbacks.on_infotext_pasted(infotext_pasted)
     script_callbacks.on_ui_settings(ui_settings)
     script_callbacks.on_script_unloaded(unloaded)
+    script_callbacks.on_ui_tabs(lbw_tab.on_ui_tabs)
+    script_callbacks.on_ui_tabs(tools_tab.on_ui_tabs)
+
+
+_network = None
+
+
+def register_network() -> None:
+    """Make ``lora`` and ``lyco`` ours. Called in ``before_ui`` and again at ``app_started``: the built-in Lora, when
+    enabled, registers its own in ``before_ui`` and callback order is not guaranteed, so the last word must be ours;
+    the built-in then is never asked to apply anything."""
+    global _network
+    if _network is None:
+        _network = ExtraNetworkLoraCore()
+    extra_networks.register_extra_network(_network)
+    extra_networks.register_extra_network_alias(_network, "lyco")
 
 
 def before_ui() -> None:
-    # Registered after the built-in (extensions load after extensions-builtin), so `lora` and `lyco` are ours and
-    # the built-in, if enabled, is never asked to apply anything.
-    network = ExtraNetworkLoraCore()
-    extra_networks.register_extra_network(network)
-    extra_networks.register_extra_network_alias(network, "lyco")
+    register_network()
+    xyz.add_axes()  # the X/Y/Z plot builds its axis list into its UI: add ours first
+    analyzer.register_script()
     if not state.builtin_lora_active():
         from modules import ui_extra_networks
 
@@ -88,6 +102,7 @@ def ui_settings() -> None:
 
 
 def app_started(_demo, app: FastAPI) -> None:
+    register_network()
     if not state.builtin_lora_active():  # the built-in serves these when it is enabled
         @app.get("/sdapi/v1/loras")
         async def get_loras():

@@ -70,7 +70,7 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
         if not hires:  # R and U block weights are drawn per generation, reproducibly from its seed
             seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", 0)]
             state.block_weights().new_generation(random.Random(f"{seeds[0]}:{getattr(p, 'iteration', 0)}"))
-        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires))
+        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires), sweep=state.is_sweep(p))
         embeddings.sync(result.active, result.errors)
         for note in result.notes:
             if note not in _noted:  # once per file version and process, not every generation

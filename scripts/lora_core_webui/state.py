@@ -51,6 +51,19 @@ def block_weights() -> BlockWeights:
     return _block_weights
 
 
+SWEEP_ATTRIBUTE = "lora_core_sweep"
+
+
+def mark_sweep(p) -> None:
+    """Mark ``p`` as one cell of a sweep (X/Y/Z plot, block analyzer): its LoRAs are applied in bypass mode, where a
+    weight change from one cell to the next costs nothing (no re-merge). Set on the cell's copy of ``p`` only."""
+    setattr(p, SWEEP_ATTRIBUTE, True)
+
+
+def is_sweep(p) -> bool:
+    return bool(getattr(p, SWEEP_ATTRIBUTE, False))
+
+
 def runtime() -> LoraRuntime:
     global _runtime
     with _lock:

@@ -57,9 +57,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(server):
-    """No LoRA; the LoRA at 1 applied merged (the default for a steady prompt) and in bypass (what a sweep uses)."""
-    return {"base": server.txt2img(BASE), "merged": server.txt2img(LORA1),
-            "bypass": server.txt2img(LORA1, **BYPASS)}
+    """The LoRA at 1 applied merged (the default for a steady prompt), no LoRA, the LoRA at 1 in bypass (what a sweep
+    uses). The no-LoRA call in between matters: A1111 keeps the last prompt's conditioning (its key is the prompt and
+    the LoRA items, not how they are applied), so a bypass call right after the merged one would reuse its TE output."""
+    merged = server.txt2img(LORA1)
+    return {"merged": merged, "base": server.txt2img(BASE), "bypass": server.txt2img(LORA1, **BYPASS)}
 
 
 def script_info(server, name: str) -> dict:

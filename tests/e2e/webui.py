@@ -62,14 +62,15 @@ def psnr(a: Generation, b: Generation) -> float:
 class WebUI:
     """One server process; ``disabled`` are extension names (folder names) to turn off for this run."""
 
-    def __init__(self, a1111_dir: Path, ckpt: Path, disabled: list[str], workdir: Path, extra_args: list[str] = ()):
+    def __init__(self, a1111_dir: Path, ckpt: Path, disabled: list[str], workdir: Path, extra_args: list[str] = (),
+                 overrides: dict | None = None):
         self.dir = a1111_dir
         self.port = free_port()
         self.log = workdir / f"webui-{self.port}.log"
         settings = json.loads((a1111_dir / "config.json").read_text()) if (a1111_dir / "config.json").exists() else {}
         settings.update({"disabled_extensions": disabled, "disable_all_extensions": "none",
                          "auto_launch_browser": "Disable", "live_previews_enable": False,
-                         "show_progress_every_n_steps": -1, "lora_functional": False})
+                         "show_progress_every_n_steps": -1, "lora_functional": False, **(overrides or {})})
         self.settings_file = workdir / f"config-{self.port}.json"
         self.settings_file.write_text(json.dumps(settings, indent=1))
         python = a1111_dir / "venv" / "bin" / "python"
