@@ -123,11 +123,9 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def builtin(lora_files, workdir):
-    """The built-in Lora's images (our extension disabled); the server is stopped before ours starts.
-
-    The built-in runs in its functional mode (``lora_functional``): the same math without its backup of every
-    patchable weight (4.3 GB for SD1.5), which next to other servers on a 24 GB machine got OOM-killed."""
-    server = WebUI(WEBUI, CKPT, [EXTENSION_NAME], workdir, overrides={"lora_functional": True})
+    """The built-in Lora's images (our extension disabled), in its default merge mode (it backs up every patchable
+    weight: ~4.3 GB more for SD1.5); the server is stopped before ours starts."""
+    server = WebUI(WEBUI, CKPT, [EXTENSION_NAME], workdir)
     try:
         return {p: server.txt2img(p) for p in [BASE, NO_LORA, LORA0, *COMPARED]}
     finally:
