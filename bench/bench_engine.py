@@ -321,6 +321,7 @@ def measure_mode(bench: Bench, network: Network, mode: str) -> dict:
         first_s.append(bench.time_step(small))
         steady_s.append(statistics.mean(bench.time_step(small) for _ in range(2)))
         restore_s.append(bench.timed(patcher.restore))
+        bench.memory.settle()
     extra_s = [f - s for f, s in zip(first_s, steady_s)]
     patcher.apply(full, mode)
     change_s = [bench.timed(lambda: patcher.apply(half if i % 2 == 0 else full, mode)) for i in range(args.repeats)]
@@ -356,6 +357,7 @@ def measure_steps(bench: Bench, network: Network) -> dict:
         for _ in range(bench.args.step_repeats[size]):
             for mode, activate in modes.items():
                 activate()
+                bench.memory.settle()  # hand freed backups back to the OS: merge/restore cycles fragment the heap
                 bench.step(bench.small)  # untimed: lets bypass hooks prepare; the same for every mode
                 times[mode].append(bench.time_step(size))
         patcher.restore()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-_RESNET_PARTS = {
+RESNET_PARTS = {  # diffusers resnet part -> compvis
     "conv1": "in_layers_2",
     "conv2": "out_layers_3",
     "norm1": "in_layers_0",
@@ -16,7 +16,7 @@ _RESNET_PARTS = {
 
 
 def _resnet_suffix(suffix: str) -> str:
-    for a, b in _RESNET_PARTS.items():
+    for a, b in RESNET_PARTS.items():
         if suffix == a or suffix.startswith(a + "_"):
             return b + suffix[len(a):]
     return suffix

@@ -11,18 +11,11 @@ from __future__ import annotations
 import re
 
 from ..blocks import OTHER
-from ..keymap.compvis import diffusers_unet_to_compvis
+from ..keymap.compvis import RESNET_PARTS, diffusers_unet_to_compvis
 
 UNET = "lora_unet_"
 
-_RESNET_PARTS = {  # compvis -> diffusers (the inverse of keymap.compvis)
-    "in_layers_2": "conv1",
-    "out_layers_3": "conv2",
-    "in_layers_0": "norm1",
-    "out_layers_0": "norm2",
-    "emb_layers_1": "time_emb_proj",
-    "skip_connection": "conv_shortcut",
-}
+_RESNET_PARTS = {compvis: diffusers for diffusers, compvis in RESNET_PARTS.items()}  # inverse of keymap's
 
 
 def _resnet(suffix: str) -> str:

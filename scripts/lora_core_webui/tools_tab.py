@@ -86,8 +86,9 @@ def lora_folder() -> str:
     return state.lora_roots()[0]
 
 
-def output_path(folder: str, name: str) -> Path:
-    """``folder/name.safetensors``; ``name`` may hold subfolders (made as needed) but may not leave ``folder``."""
+def output_path(folder: str, name: str, overwrite: bool) -> Path:
+    """``folder/name.safetensors``; ``name`` may hold subfolders (made as needed) but may not leave ``folder``.
+    An existing file is refused here already, in the words of this form (the tools refuse it too)."""
     name = (name or "").strip()
     if not name:
         raise tools.ToolError("give the output file a name")
@@ -95,6 +96,8 @@ def output_path(folder: str, name: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise tools.ToolError(f"'{name}': give a name inside {folder} (subfolders are fine, '..' is not)")
     path = Path(folder) / relative
+    if path.exists() and not overwrite:
+        raise tools.ToolError(f"{path} already exists; tick 'Overwrite' to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -162,7 +165,8 @@ def progress_js(panel: str) -> str:
 
 
 def run_merge_into(checkpoint, items, save_precision, compute_precision, device, name, overwrite, *, progress):
-    result = tools.merge_into(checkpoint_file(checkpoint), item_lines(items), output_path(checkpoint_folder(), name),
+    output = output_path(checkpoint_folder(), name, overwrite)
+    result = tools.merge_into(checkpoint_file(checkpoint), item_lines(items), output,
                               save_precision=save_precision, compute_precision=compute_precision, device=device,
                               presets=state.block_weights().presets, lora_dirs=state.lora_roots(),
                               overwrite=overwrite, progress=progress)
@@ -173,7 +177,7 @@ def run_merge_into(checkpoint, items, save_precision, compute_precision, device,
 
 def run_merge_loras(items, mode, rank, conv_rank, clamp, no_clamp, same_to_strength, save_precision, device,
                     title, with_modelspec, name, overwrite, *, progress):
-    result = tools.merge_loras(item_lines(items), output_path(lora_folder(), name), mode=mode,
+    result = tools.merge_loras(item_lines(items), output_path(lora_folder(), name, overwrite), mode=mode,
                                rank=optional_rank(rank), conv_rank=optional_rank(conv_rank),
                                clamp_quantile=clamp_of(clamp, no_clamp), same_to_strength=same_to_strength,
                                save_precision=save_precision, device=device, presets=state.block_weights().presets,
@@ -190,7 +194,7 @@ def run_merge_loras(items, mode, rank, conv_rank, clamp, no_clamp, same_to_stren
 
 def run_extract(base, tuned, rank, conv_rank, clamp, no_clamp, min_diff, v_parameterization, save_precision, device,
                 title, with_modelspec, name, overwrite, *, progress):
-    result = tools.extract(checkpoint_file(base), checkpoint_file(tuned), output_path(lora_folder(), name),
+    result = tools.extract(checkpoint_file(base), checkpoint_file(tuned), output_path(lora_folder(), name, overwrite),
                            rank=int(rank or 0), conv_rank=optional_rank(conv_rank),
                            clamp_quantile=clamp_of(clamp, no_clamp), min_diff=float(min_diff or 0.0),
                            v_parameterization=True if v_parameterization else None, save_precision=save_precision,
@@ -205,7 +209,7 @@ def run_extract(base, tuned, rank, conv_rank, clamp, no_clamp, min_diff, v_param
 
 def run_resize(lora, rank, conv_rank, dynamic, dynamic_param, save_precision, device, name, overwrite, *, progress):
     method = None if dynamic in (None, NO_DYNAMIC) else dynamic
-    result = tools.resize(lora_file(lora), output_path(lora_folder(), name), rank=int(rank or 0),
+    result = tools.resize(lora_file(lora), output_path(lora_folder(), name, overwrite), rank=int(rank or 0),
                           conv_rank=optional_rank(conv_rank), dynamic=method,
                           dynamic_param=None if method is None else dynamic_param, save_precision=save_precision,
                           device=device, overwrite=overwrite, progress=progress)
@@ -215,7 +219,7 @@ def run_resize(lora, rank, conv_rank, dynamic, dynamic_param, save_precision, de
 def run_add_difference(a, b, c, multiplier, blocks, save_precision, compute_precision, device, name, overwrite, *,
                        progress):
     result = tools.add_difference(checkpoint_file(a), checkpoint_file(b), checkpoint_file(c),
-                                  output_path(checkpoint_folder(), name), multiplier=float(multiplier),
+                                  output_path(checkpoint_folder(), name, overwrite), multiplier=float(multiplier),
                                   blocks=(blocks or "").strip() or None, presets=state.block_weights().presets,
                                   save_precision=save_precision, compute_precision=compute_precision, device=device,
                                   overwrite=overwrite, progress=progress)
