@@ -148,7 +148,8 @@ class ProgressBar:
 
 def result_html(text: str, error: bool = False) -> str:
     colour = "var(--error-text-color, #c00)" if error else "inherit"
-    return f"<pre style='white-space:pre-wrap;color:{colour}'>{html.escape(text)}</pre>"
+    return (f"<pre style='white-space:pre-wrap;max-height:40em;overflow:auto;color:{colour}'>"
+            f"{html.escape(text)}</pre>")
 
 
 def saved_text(saved: tools.Saved) -> str:
@@ -440,4 +441,8 @@ def on_ui_tabs():
                 with gr.Tab(label, elem_id=f"{ELEM}_{build.__name__.strip('_').removesuffix('_tab')}"):
                     build(ui)
         ui.wire(task_id)
+    for component in tab.blocks.values():
+        # The WebUI saves defaults in ui-config.json by tab and label, and labels repeat across the sub-tabs
+        # ("Rank", "Save precision"...): the first sub-tab's default would become every sub-tab's.
+        component.do_not_save_to_config = True
     return [(tab, TITLE, ELEM)]
