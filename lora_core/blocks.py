@@ -38,7 +38,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .io import temp_file
 from .model_index import ModelIndex, Target
 from .syntax import LoraRequest
 
@@ -380,7 +380,7 @@ class PresetBook:
         """Write atomically (a crash never leaves half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = temp_file(path.parent, f".{path.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(self.text())

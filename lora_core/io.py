@@ -428,17 +428,32 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         raise LoraFileError(path, "already exists; pass overwrite=True to replace it")
     prepared = _prepare_for_saving(path, tensors)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    fd, tmp_name = temp_file(path.parent, f".{path.stem}.", ".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         save_file(prepared, str(tmp), metadata=metadata or None)
+        os.chmod(tmp, _new_file_mode())  # safetensors writes a file of its own, private to the owner
         with open(tmp, "rb+") as file:
             os.fsync(file.fileno())
         _move_into_place(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def temp_file(folder: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` for a file that will be renamed into place: it gets the permissions a newly created
+    file would have (0666 less the umask), not mkstemp's private 0600."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, _new_file_mode())
+    return fd, name
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_core import io as lio
+from lora_core.blocks import PresetBook
 from lora_core.errors import LoraFileError
 from lora_core.io import (addnet_hash, file_sha256, model_hash, open_lora, read_metadata,
                           save_safetensors)
@@ -427,6 +429,19 @@ def test_save_round_trip(tmp_path):
         for key, tensor in tiny_tensors().items():
             assert torch.equal(lora.get(key), tensor)
     assert leftovers(tmp_path) == []
+
+
+def test_saved_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    """The temporary file renamed into place is made by mkstemp (0600): the result must be 0666 less the umask,
+    as any file the WebUI writes, so a shared models folder stays readable."""
+    old = os.umask(0o022)
+    try:
+        path = save_safetensors(tiny_tensors(), tmp_path / "out.safetensors")
+        PresetBook.default().save(tmp_path / "presets.txt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "presets.txt").stat().st_mode) == 0o644
 
 
 def test_save_refuses_to_overwrite(tmp_path):

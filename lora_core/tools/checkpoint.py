@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +43,8 @@ from torch import nn
 from ..blocks import OTHER, block_of
 from ..errors import LoraFileError
 # io's validated header parser, finite check and no-clobber rename: one implementation of each
-from ..io import SAFETENSORS_SUFFIX, _check_finite, _move_into_place, _parse_header, _torch_dtype, open_lora
+from ..io import (SAFETENSORS_SUFFIX, _check_finite, _move_into_place, _parse_header, _torch_dtype, open_lora,
+                  temp_file)
 from ..model_index import MHA_PARTS, ModelIndex, Target
 
 COMPONENT_ROOTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
@@ -360,7 +360,7 @@ class StreamingWriter:
         self._hashes = _Hashes(legacy_header)
         self._next = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp")
+        fd, name = temp_file(self.path.parent, f".{self.path.stem}.", ".tmp")
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._file.write(self._header)
