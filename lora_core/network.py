@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
@@ -59,6 +60,25 @@ class Network:
     adapters: dict[Target, Adapter]
     report: MappingReport
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    _dense_bytes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def dense_bypass_bytes(self, index: ModelIndex, dyn: int | None = None) -> int:
+        """Bytes of the full-size deltas bypass mode would hold for this network on ``index`` (targets whose
+        algorithm has no low-rank form, and MultiheadAttention, which is recomputed with a full delta)."""
+        key = (id(index), dyn)
+        if key not in self._dense_bytes:
+            meta = torch.device("meta")
+            total = 0
+            for target, adapter in self.adapters.items():
+                module = index.module(target)
+                weight = index.weight(target)
+                if not isinstance(module, nn.MultiheadAttention) and \
+                        adapter.low_rank_bypass(LayerOp.of(module), meta, torch.float32, dyn) is not None:
+                    continue
+                total += weight.numel() * max(weight.element_size(), 2)  # fp8 weights run in 16 bits
+            self._dense_bytes[key] = total
+        return self._dense_bytes[key]
 
     def algorithms(self) -> dict[str, int]:
         return dict(Counter(a.algorithm for a in self.adapters.values()))

@@ -14,7 +14,7 @@ original weights before the error propagates; ``with Patcher(index) as p:`` rest
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import Adapter, Bypass, LayerOp
+from .adapters.base import Adapter, Bypass, LayerOp, numel
 from .errors import NonFiniteWeightError, UnsupportedLayerError
 from .model_index import MHA_PARTS, ModelIndex, Target
 
 MODES = ("bypass", "merged")
+_F32_MAX = torch.finfo(torch.float32).max
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
              if hasattr(torch, n))
 
@@ -74,11 +75,55 @@ def _is_fp8(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype in _FP8
 
 
+class PreparedCache:
+    """What bypass prepares per (adapter, dyn, device, dtype), kept across layer updates so that switching back
+    to a LoRA recomputes nothing: low-rank functions (factors cast to the device, tiny) and full-size deltas of
+    algorithms without a low-rank form, least recently used first out beyond ``budget`` bytes.
+
+    A value bigger than the budget is not kept; with ``hold=False`` it is not even computed (``get`` gives None),
+    so the caller can compute it per use instead of holding it.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[tuple, tuple[Adapter, object, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, adapter: Adapter, key: tuple, compute: Callable[[], tuple[object, int]], hold: bool = True,
+            estimate: int = 0):
+        full_key = (id(adapter), *key)
+        item = self._items.get(full_key)
+        if item is not None and item[0] is adapter:  # the adapter is referenced here, so its id is not reused
+            self._items.move_to_end(full_key)
+            self.hits += 1
+            return item[1]
+        self.misses += 1
+        if not hold and estimate > self.budget:
+            return None
+        value, nbytes = compute()
+        if nbytes <= self.budget:
+            self._items[full_key] = (adapter, value, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.budget:
+                _, (_, _, freed) = self._items.popitem(last=False)
+                self.bytes -= freed
+        elif not hold:
+            return None
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
 class Patcher:
     """Applies plans of adapters to one model instance, and restores it exactly."""
 
-    def __init__(self, index: ModelIndex):
+    def __init__(self, index: ModelIndex, cache_budget: int = 2 << 30):
         self.index = index
+        self.cache = PreparedCache(cache_budget)
         self._layers: dict[str, _Layer] = {}
         self._fingerprint: tuple | None = None
 
@@ -160,6 +205,10 @@ class Patcher:
     def _update_layer(self, name: str, entries: list[PlanEntry], mode: str) -> None:
         module = self.index.modules[name]
         layer_mode = self._layer_mode(module, mode)
+        for e in entries:  # merged refuses non-finite weights below; bypass cannot look at its outputs
+            if not abs(e.multiplier) <= _F32_MAX:
+                raise NonFiniteWeightError(f"{name}: multiplier {e.multiplier:g} of {e.label or e.adapter.algorithm} "
+                                           f"is NaN/Inf in float32; nothing was applied")
         old = self._layers.get(name)
         new_structure = (layer_mode, tuple(e.structure_key() for e in entries))
         multipliers = [e.multiplier for e in entries]
@@ -278,21 +327,49 @@ class Patcher:
             return prepared
         with torch.no_grad():
             if isinstance(layer.module, nn.MultiheadAttention):
-                prepared = [self._mha_delta(e, x.device) for e in layer.entries]
+                prepared = [(e.target.part, *self._dense(e, x.device, x.dtype, hold=True)) for e in layer.entries]
             else:
                 op = LayerOp.of(layer.module)
-                base = layer.module.weight.detach().to(x.device)
-                bias = getattr(layer.module, "bias", None)
-                bias = None if bias is None else bias.detach().to(x.device)
-                prepared = [e.adapter.bypass(op, base, bias, x.dtype, e.dyn) for e in layer.entries]
+                prepared = [self._bypass_fn(e, op, x.device, x.dtype) for e in layer.entries]
         layer.prepared[key] = prepared
         return prepared
 
-    def _mha_delta(self, entry: PlanEntry, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    def _bypass_fn(self, entry: PlanEntry, op: LayerOp, device: torch.device, dtype: torch.dtype) -> Bypass:
+        """``h(x)`` of one entry: the low-rank form where the algorithm has one, else the full delta (held while
+        the cache budget allows it, computed on each call beyond it, so a forced bypass never runs out of memory)."""
+        adapter = entry.adapter
+        def low_rank():  # the factors, cast to the device and dtype, are what the function holds
+            fn = adapter.low_rank_bypass(op, device, dtype, entry.dyn)
+            size = torch.empty((), dtype=dtype).element_size()
+            return fn, 0 if fn is None else sum(t.numel() for t in adapter.tensors()) * size
+
+        fast = self.cache.get(adapter, ("low", entry.dyn, device, dtype), low_rank)
+        if fast is not None:
+            return fast
+        dense = self._dense(entry, device, dtype, hold=False)
+        if dense is not None:
+            dw, db = dense
+            return lambda x: op(x, dw, db)
+        return lambda x: op(x, *self._compute_dense(entry, device, dtype))
+
+    def _compute_dense(self, entry: PlanEntry, device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.index.weight(entry.target).detach().to(device)
+        dw = entry.adapter.delta_weight(base.float(), entry.dyn).to(dtype)
         bias = self._bias_of(entry.target)
         db = entry.adapter.delta_bias(None if bias is None else bias.detach().to(device), device)
-        return entry.target.part, entry.adapter.delta_weight(base, entry.dyn), db
+        return dw, None if db is None else db.to(dtype)
+
+    def _dense(self, entry: PlanEntry, device: torch.device, dtype: torch.dtype, hold: bool):
+        """The full delta (and bias delta) of an entry through the cache; None when it does not fit the budget
+        and ``hold`` is false (the caller then computes it when needed)."""
+        def compute():
+            dw, db = self._compute_dense(entry, device, dtype)
+            return (dw, db), dw.numel() * dw.element_size() + (0 if db is None else db.numel() * db.element_size())
+
+        estimate = numel(self.index.weight_shape(entry.target)) * torch.empty((), dtype=dtype).element_size()
+        return self.cache.get(entry.adapter, ("dense", entry.dyn, device, dtype), compute, hold=hold,
+                              estimate=estimate)
 
     def _hook(self, layer: _Layer) -> None:
         module = layer.module

@@ -4,8 +4,9 @@ The WebUI glue calls ``activate`` with the prompt items A1111 parsed, ``step`` f
 ``restore`` when LoRAs are gone; everything a person must see comes back as messages, never as exceptions:
 a bad item, an unknown name, a broken file or a LoRA for another model is skipped and the rest still applies.
 
-Apply mode (``auto``): a steady set of constant weights is merged (no per-step cost); anything whose weights
-change within a pass (schedules, start/stop, an X/Y/Z sweep) runs in bypass, where a multiplier change is free.
+Apply mode (``auto``): a set used with the same weights by the previous generation is merged (no per-step cost);
+a new set, a new weight and anything whose weights change within a pass (schedules, start/stop, an X/Y/Z sweep)
+runs in bypass, where activation costs no weight pass and a multiplier change is free.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from .syntax import LoraRequest, active_at, parse_lora_items
 log = logging.getLogger("lora_core")
 
 APPLY_MODES = ("auto", "merged", "bypass")
+#: bytes of full-size bypass deltas (algorithms without a low-rank form) a generation may hold, also the size of
+#: the Patcher's cache of prepared deltas
+DEFAULT_BYPASS_BUDGET = 2 << 30
 LayerScale = Callable[[Target], float]
 #: builds the per-layer multiplier of a request (block weights); returns None (no scaling) or raises ValueError
 LayerScaleFactory = Callable[[LoraRequest, Network, ModelIndex], "LayerScale | None"]
@@ -54,9 +58,10 @@ class Activation:
 
 class LoraRuntime:
     def __init__(self, library: LoraLibrary, mode: str = "auto",
-                 layer_scale_factory: LayerScaleFactory | None = None):
+                 layer_scale_factory: LayerScaleFactory | None = None, bypass_budget: int = DEFAULT_BYPASS_BUDGET):
         self.library = library
         self.mode = mode
+        self.bypass_budget = bypass_budget
         self.layer_scale_factory = layer_scale_factory
         self.index: ModelIndex | None = None
         self.patcher: Patcher | None = None
@@ -65,7 +70,13 @@ class LoraRuntime:
         self._active: list[ActiveLora] = []
         self._hires = False
         self._applied_mode = "none"
-        self._last_set: tuple | None = None  # (files, weights) of the last static generation, for `auto`
+        self._last_set: tuple | None = None  # (files, weights) of the last generation, for `auto`
+
+    def set_bypass_budget(self, nbytes: int) -> None:
+        """Bytes of full-size bypass deltas a generation may hold (and the size of the prepared-delta cache)."""
+        self.bypass_budget = max(0, int(nbytes))
+        if self.patcher is not None:
+            self.patcher.cache.budget = self.bypass_budget
 
     # ------------------------------------------------------------------ the model
     @property
@@ -92,7 +103,7 @@ class LoraRuntime:
 
     def _new_index(self, root: nn.Module) -> None:
         self.index = ModelIndex(root)
-        self.patcher = Patcher(self.index)
+        self.patcher = Patcher(self.index, cache_budget=self.bypass_budget)
         self._model_token = f"model{next(self._tokens)}"
         self._active = []
         self._applied_mode = "none"
@@ -114,7 +125,7 @@ class LoraRuntime:
                 active.append(found)
         self._active = active
         self._hires = hires
-        mode = self._choose_mode(active, sweep)
+        mode = self._choose_mode(active, sweep, result)
         self._apply(active, mode, 0, total_steps or 1, result)
         result.active = list(self._active)
         result.mode = self._applied_mode
@@ -187,21 +198,38 @@ class LoraRuntime:
         index = self.index
         return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
-    def _choose_mode(self, active: list[ActiveLora], sweep: bool) -> str:
-        """``auto``: merged for a steady set; bypass when weights change within a run (schedules, start/stop, a
-        sweep) or only the weights changed since the last generation (a re-merge would cost more than the
-        generation's bypass overhead; the same weights again next time are merged)."""
+    def _choose_mode(self, active: list[ActiveLora], sweep: bool, result: Activation) -> str:
+        """``auto``: bypass until a set proves steady, then merged.
+
+        - weights that change within a run (schedules, start/stop, an X/Y/Z sweep): bypass, where a multiplier
+          change is free;
+        - a set of files and weights not used by the previous generation (a new LoRA, a new weight, switching
+          back and forth): bypass, whose whole cost is a few percent per step, instead of a merge that costs
+          more than several steps;
+        - the same files and weights as the previous generation: merged, so every later generation has no
+          per-step cost;
+        - the hires pass keeps the first pass's mode when its set is the same;
+        - bypass of algorithms without a low-rank form (LoHa, LoKr on convs, DoRA, IA3, OFT...) holds full-size
+          deltas: above ``bypass_budget`` bytes such a set is merged instead.
+        """
         if self.mode in ("merged", "bypass"):
             return self.mode
-        if sweep or not all(lora.request.is_static() for lora in active):
-            return "bypass"
         files = tuple((lora.entry.path, lora.request.dyn, lora.request.lbw, lora.request.lbwe) for lora in active)
         weights = tuple(lora.request.pass_weights(self._hires) for lora in active)
-        previous = self._last_set
-        self._last_set = (files, weights)
-        if previous is not None and previous[0] == files and previous[1] != weights:
-            return "bypass"
-        return "merged"
+        key = (files, weights)
+        if self._hires:
+            mode = self._applied_mode if key == self._last_set and self._applied_mode != "none" else "bypass"
+        else:
+            previous, self._last_set = self._last_set, key
+            steady = not sweep and all(lora.request.is_static() for lora in active)
+            mode = "merged" if steady and key == previous else "bypass"
+        if mode == "bypass" and active:
+            dense = sum(lora.network.dense_bypass_bytes(self.index, lora.request.dyn) for lora in active)
+            if dense > self.bypass_budget:
+                mode = "merged"
+                result.notes.append(f"bypass would hold {dense / 2**20:.0f} MiB of full-size deltas (budget "
+                                    f"{self.bypass_budget / 2**20:.0f} MiB): merged instead")
+        return mode
 
     def _plan(self, active: list[ActiveLora], step: int, total_steps: int) -> list[PlanEntry]:
         plan: list[PlanEntry] = []

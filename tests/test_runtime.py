@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from lora_core.library import LoraLibrary
 from lora_core.model_index import ModelIndex
 from lora_core.runtime import LoraRuntime
-from lora_factory import LoraSpec, make_kohya_lora, pick_targets
+from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
 from test_patch_property import assert_bitwise, snapshot
 from tiny_models import make_inputs, run_text_encoders, run_unet
 
@@ -36,11 +36,17 @@ def unet_out(root, inputs):
 def test_static_set_is_merged_and_schedule_is_bypass(world):
     root, runtime, original, inputs = world
     plain = unet_out(root, inputs)
-    result = runtime.activate([["alpha", "1"]])
-    assert result.mode == "merged" and not result.errors and [a.entry.name for a in result.active] == ["alpha"]
+    result = runtime.activate([["alpha", "1"]])  # a new set: bypass (no weight pass before the first step)
+    assert result.mode == "bypass" and not result.errors and [a.entry.name for a in result.active] == ["alpha"]
+    assert_bitwise(root, original)
+    bypassed = unet_out(root, inputs)
+    result = runtime.activate([["alpha", "1"]])  # the same set again: steady, merged
+    assert result.mode == "merged" and not result.errors
     merged = unet_out(root, inputs)
     assert not torch.equal(merged, plain)
-    result = runtime.activate([["alpha", "1@0,1@10"]], total_steps=10)  # constant schedule is still static
+    assert torch.allclose(bypassed, merged, rtol=1e-4, atol=1e-5)
+    for _ in range(2):
+        result = runtime.activate([["alpha", "1@0,1@10"]], total_steps=10)  # constant schedule is still static
     assert result.mode == "merged"
     result = runtime.activate([["alpha", "0@0,1@9"]], total_steps=10)
     assert result.mode == "bypass"
@@ -152,18 +158,89 @@ def test_unused_keys_become_a_console_note_naming_the_file(world, tmp_path):
     assert "gamma.safetensors" in note and "matched no layer" in note
 
 
-def test_auto_mode_uses_bypass_when_only_weights_changed(world):
+def test_auto_mode_merges_only_a_set_repeated_from_the_previous_generation(world):
     root, runtime, original, inputs = world
     modes = [runtime.activate(items).mode for items in (
-        [["alpha", "1"]],        # new set: merged
+        [["alpha", "1"]],        # new set: bypass
+        [["alpha", "1"]],        # steady: merged
+        [["alpha", "1"]],        # still steady: merged, nothing to do
         [["alpha", "0.5"]],      # same file, new weight: bypass (no re-merge)
         [["alpha", "0.7"]],      # sweeping on: bypass
         [["alpha", "0.7"]],      # steady again: merged
-        [["alpha", "0.7"], ["beta", "1"]],  # another set: merged
+        [["alpha", "0.7"], ["beta", "1"]],  # another set: bypass
+        [["beta", "1"]],         # switching back and forth: bypass each time
+        [["alpha", "0.7"], ["beta", "1"]],
+        [["alpha", "0.7"], ["beta", "1"]],  # steady: merged
     )]
-    assert modes == ["merged", "bypass", "bypass", "merged", "merged"]
+    assert modes == ["bypass", "merged", "merged", "bypass", "bypass", "merged", "bypass", "bypass", "bypass",
+                     "merged"]
     runtime.mode = "merged"
     assert runtime.activate([["alpha", "0.2"]]).mode == "merged"  # a forced mode wins
+    runtime.mode = "bypass"
+    assert runtime.activate([["alpha", "0.2"]]).mode == "bypass"
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_hires_pass_keeps_the_first_pass_mode_for_the_same_set(world):
+    root, runtime, original, inputs = world
+    for _ in range(2):
+        assert runtime.activate([["alpha", "1"]]).mode in ("bypass", "merged")
+    assert runtime.activate([["alpha", "1"]], hires=True).mode == "merged"  # same set: no change mid-generation
+    assert runtime.activate([["alpha", "1"]]).mode == "merged"  # the next generation is still steady
+    assert runtime.activate([["alpha", "1", "1", "hr=0.5"]], hires=False).mode == "merged"  # first pass: same
+    assert runtime.activate([["alpha", "1", "1", "hr=0.5"]], hires=True).mode == "bypass"  # hires weights differ
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_full_size_bypass_deltas_beyond_the_budget_are_merged_instead(world, tmp_path):
+    root, runtime, original, inputs = world
+    index = runtime.index
+    targets = pick_targets(index, kinds=(torch.nn.Linear, torch.nn.Conv2d), limit_per_kind=3)
+    save_file(make_lycoris(index, targets, "loha", seed=3), str(tmp_path / "hada.safetensors"))
+    plain = unet_out(root, inputs)
+    runtime.activate([["hada", "1"]])
+    network = runtime._active[0].network
+    dense = network.dense_bypass_bytes(index)
+    assert dense == sum(index.weight(t).numel() * 4 for t in targets)  # LoHa has no low-rank form
+    assert network.dense_bypass_bytes(runtime.index) == dense
+    runtime.restore()
+    runtime.bypass_budget = dense - 1
+    runtime._last_set = None
+    result = runtime.activate([["hada", "0.5"]])
+    assert result.mode == "merged" and any("MiB of full-size deltas" in n for n in result.notes)
+    merged = unet_out(root, inputs)
+    runtime.bypass_budget = dense
+    runtime.patcher.cache.budget = dense
+    assert runtime.activate([["hada", "0.7"]]).mode == "bypass"
+    # forced bypass beyond the cache budget: the deltas are computed per call, not held, with the same result
+    runtime.mode = "bypass"
+    runtime.patcher.cache.budget = 1
+    runtime.patcher.cache.clear()
+    result = runtime.activate([["hada", "0.5"]])
+    assert result.mode == "bypass"
+    assert torch.allclose(unet_out(root, inputs), merged, rtol=1e-4, atol=1e-5)
+    assert runtime.patcher.cache.bytes == 0
+    assert not torch.equal(merged, plain)
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_switching_back_reuses_what_bypass_prepared(world):
+    root, runtime, original, inputs = world
+    runtime.activate([["alpha", "1"]])
+    first = unet_out(root, inputs)
+    cache = runtime.patcher.cache
+    misses = cache.misses
+    runtime.activate([["beta", "1"]])
+    unet_out(root, inputs)
+    assert cache.misses > misses  # beta's layers were prepared
+    misses, hits = cache.misses, cache.hits
+    runtime.activate([["alpha", "1"]])
+    again = unet_out(root, inputs)
+    assert cache.misses == misses and cache.hits > hits  # alpha's were not prepared again
+    assert torch.equal(first, again)
     runtime.restore()
     assert_bitwise(root, original)
 

@@ -80,10 +80,15 @@ def ui_settings() -> None:
     opts = shared.opts
     opts.add_option("lora_core_apply_mode", shared.OptionInfo(
         "auto", "How LoRAs are applied", gr.Radio, {"choices": ["auto", "merged", "bypass"]}, section=SECTION,
-    ).info("auto: merged into the weights for a steady set (no per-step cost), bypass while weights change "
-           "within a run (schedules, start/stop, sweeps); both restore the model exactly"))
+    ).info("auto: bypass for a new LoRA or weight (no wait before the first step), merged from the second "
+           "generation with the same LoRAs and weights (no per-step cost), bypass while weights change within a run "
+           "(schedules, start/stop, sweeps); every mode restores the model exactly"))
     opts.add_option("lora_core_cache_size", shared.OptionInfo(
         4, "LoRA files kept loaded in memory", gr.Number, {"precision": 0}, section=SECTION))
+    opts.add_option("lora_core_bypass_memory_mb", shared.OptionInfo(
+        2048, "Memory for full-size bypass deltas (MB)", gr.Number, {"precision": 0}, section=SECTION,
+    ).info("LoHa, LoKr on convolutions, DoRA, IA3, OFT have no low-rank form: in bypass they hold a delta as big "
+           "as the layer; a set that needs more than this is merged instead"))
     opts.add_option("lora_core_ui_warnings", shared.OptionInfo(
         True, "Show LoRA problems as popups (they are always in the generation parameters)", section=SECTION))
     if state.builtin_lora_active():

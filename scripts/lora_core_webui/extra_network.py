@@ -63,6 +63,7 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
         runtime.bind(shared.sd_model)
         runtime.mode = state.option("lora_core_apply_mode", "auto")
         runtime.library.set_cache_size(int(state.option("lora_core_cache_size", 4)))
+        runtime.set_bypass_budget(int(state.option("lora_core_bypass_memory_mb", 2048)) << 20)
         hires = bool(getattr(p, "is_hr_pass", False))
         items = [list(params.items) for params in params_list]
         if not items and not runtime.patcher.active and not embeddings.registered():
