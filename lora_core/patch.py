@@ -140,12 +140,16 @@ class Patcher:
         layer = self._layers.get(name)
         return None if layer is None else layer.mode
 
-    def apply(self, plan: Iterable[PlanEntry], mode: str = "bypass") -> None:
-        """Make the model compute ``plan``. Cheap when only multipliers changed in bypass mode."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    def apply(self, plan: Iterable[PlanEntry], mode: str = "bypass", text_encoders: str | None = None) -> None:
+        """Make the model compute ``plan``. Cheap when only multipliers changed in bypass mode.
+
+        ``text_encoders`` overrides ``mode`` for text-encoder layers (they run once per prompt, so merging them
+        buys nothing per step: ``"bypass"`` spares their weight pass and backups).
+        """
+        if mode not in MODES or text_encoders not in (None, *MODES):
+            raise ValueError(f"modes must be one of {MODES}, not {mode!r}/{text_encoders!r}")
         plan = [e for e in plan if e.target.module in self.index.modules]
-        fingerprint = (mode, tuple((e.structure_key(), e.multiplier) for e in plan))
+        fingerprint = (mode, text_encoders, tuple((e.structure_key(), e.multiplier) for e in plan))
         if fingerprint == self._fingerprint:
             return
         by_module: dict[str, list[PlanEntry]] = defaultdict(list)
@@ -156,7 +160,8 @@ class Patcher:
                 for name in [n for n in self._layers if n not in by_module]:
                     self._restore_layer(self._layers.pop(name))
                 for name, entries in by_module.items():
-                    self._update_layer(name, entries, mode)
+                    te = text_encoders is not None and self.index.is_text_encoder(entries[0].target)
+                    self._update_layer(name, entries, text_encoders if te else mode)
         except BaseException:
             self.restore()
             raise

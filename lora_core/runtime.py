@@ -140,7 +140,7 @@ class LoraRuntime:
             return
         if all(lora.request.is_static() for lora in self._active):
             return
-        self.patcher.apply(self._plan(self._active, step, total_steps), "bypass")
+        self.patcher.apply(self._plan(self._active, step, total_steps), "bypass", self._te_mode())
 
     def restore(self) -> None:
         self._active = []
@@ -231,6 +231,10 @@ class LoraRuntime:
                                     f"{self.bypass_budget / 2**20:.0f} MiB): merged instead")
         return mode
 
+    def _te_mode(self) -> str | None:
+        """``auto`` keeps text-encoder layers in bypass: they run once per prompt, a merge would only cost."""
+        return "bypass" if self.mode == "auto" else None
+
     def _plan(self, active: list[ActiveLora], step: int, total_steps: int) -> list[PlanEntry]:
         plan: list[PlanEntry] = []
         for lora in active:
@@ -243,7 +247,7 @@ class LoraRuntime:
 
     def _apply(self, active: list[ActiveLora], mode: str, step: int, total: int, result: Activation) -> None:
         try:
-            self.patcher.apply(self._plan(active, step, total), mode)
+            self.patcher.apply(self._plan(active, step, total), mode, self._te_mode())
             self._applied_mode = mode if active else "none"
             return
         except LoraError as e:
@@ -252,12 +256,12 @@ class LoraRuntime:
         kept: list[ActiveLora] = []
         for lora in active:
             try:
-                self.patcher.apply(self._plan(kept + [lora], step, total), mode)
+                self.patcher.apply(self._plan(kept + [lora], step, total), mode, self._te_mode())
                 kept.append(lora)
             except LoraError as e:
                 result.errors.append(f"<lora:{lora.request.raw or lora.request.name}>: {e}")
         if len(kept) == len(active):
             result.errors.append(str(first_error))
-        self.patcher.apply(self._plan(kept, step, total), mode)
+        self.patcher.apply(self._plan(kept, step, total), mode, self._te_mode())
         self._active = kept
         self._applied_mode = mode if kept else "none"

@@ -395,8 +395,9 @@ def test_runtime_applies_lbw_and_survives_a_bad_one(fresh_sd1, tmp_path):
     assert not result.errors and result.mode == "merged"
     merged = outputs(fresh_sd1, inputs)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(with_midd, merged))
-    with_midd = merged
-    runtime.mode = "merged"  # below, exact equalities between sets: one mode
+    runtime.mode = "merged"  # below, exact equalities between sets: one mode for every layer
+    runtime.activate([["full", "1", "lbw=MIDD"]])
+    with_midd = outputs(fresh_sd1, inputs)
     assert not torch.equal(with_midd[0], before[0])
     runtime.activate([["midd_only", "1"]])
     assert_equal_outputs(with_midd, outputs(fresh_sd1, inputs))  # MIDD = only the layers of its blocks

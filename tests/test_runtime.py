@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_core.library import LoraLibrary
-from lora_core.model_index import ModelIndex
+from lora_core.model_index import ModelIndex, Target
 from lora_core.runtime import LoraRuntime
 from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
 from test_patch_property import assert_bitwise, snapshot
@@ -178,6 +178,29 @@ def test_auto_mode_merges_only_a_set_repeated_from_the_previous_generation(world
     assert runtime.activate([["alpha", "0.2"]]).mode == "merged"  # a forced mode wins
     runtime.mode = "bypass"
     assert runtime.activate([["alpha", "0.2"]]).mode == "bypass"
+    runtime.restore()
+    assert_bitwise(root, original)
+
+
+def test_auto_merges_the_unet_and_keeps_the_text_encoders_in_bypass(world):
+    """The text encoders run once per prompt: merging them would cost a weight pass and backups for nothing."""
+    root, runtime, original, inputs = world
+    runtime.activate([["alpha", "1"]])
+    assert runtime.activate([["alpha", "1"]]).mode == "merged"
+    index, patcher = runtime.index, runtime.patcher
+    modes = {name: patcher.layer_mode(name) for name in patcher.touched}
+    te = {name for name in modes if index.is_text_encoder(Target(name))}
+    assert te and len(te) < len(modes)
+    assert all(modes[name] == "bypass" for name in te) and all(modes[n] == "merged" for n in modes if n not in te)
+    changed = {k for k, t in root.named_parameters() if not torch.equal(t, original.tensors[f"p:{k}"])}
+    assert changed and not any(n.startswith("cond_stage_model") for n in changed)
+    text = run_text_encoders(root, inputs)
+    runtime.mode = "merged"  # a forced mode merges the text encoders too, with the same result
+    runtime.activate([["alpha", "1"]])
+    assert all(patcher.layer_mode(name) == "merged" for name in patcher.touched)
+    merged_text = run_text_encoders(root, inputs)
+    assert text.keys() == merged_text.keys()
+    assert all(torch.allclose(text[k], merged_text[k], rtol=1e-4, atol=1e-5) for k in text)
     runtime.restore()
     assert_bitwise(root, original)
 
