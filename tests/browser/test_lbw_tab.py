@@ -16,21 +16,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI  # noqa: E402
+from webui import BUILTIN_NAME, EXTENSION_NAME, ROOT, WebUI, checkpoint, webui_dir  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-A1111_DIR = os.environ.get("A1111_DIR")
+WEBUI = webui_dir("the browser test")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-if not A1111_DIR:
-    pytest.skip("A1111_DIR is not set: the browser test needs a WebUI checkout with its venv", allow_module_level=True)
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
-ROOT = Path(__file__).resolve().parents[2]
-WEBUI = Path(A1111_DIR).resolve()
-CKPT = WEBUI / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+CKPT = checkpoint(WEBUI)
 SCREENSHOT = Path(os.environ.get("LBW_SCREENSHOT", "/tmp/lbw-tab.png"))
 PRESET = "BROWSER_TEST"
 TIMEOUT_MS = 120_000

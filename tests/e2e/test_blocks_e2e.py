@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,19 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui import BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, psnr, same_pixels
+from webui import BUILTIN_NAME, Generation, WebUI, checkpoint, extension_linked, psnr, same_pixels, webui_dir
 
 pytestmark = pytest.mark.e2e
 
-A1111_DIR = os.environ.get("A1111_DIR")
-if not A1111_DIR:
-    pytest.skip("A1111_DIR is not set: the end-to-end suite needs a WebUI checkout with its venv "
-                "(build one offline with ../shared/testbed/setup.sh, then A1111_DIR=$TESTBED/webui)",
-                allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-WEBUI = Path(A1111_DIR).resolve()
-CKPT = WEBUI / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+WEBUI = webui_dir()
+CKPT = checkpoint(WEBUI)
 LORA_DIR = WEBUI / "models" / "Lora"
 
 BASE = "a cat"
@@ -37,31 +29,27 @@ LORA1 = "a cat <lora:test_lora:1>"
 XYZ_TITLE = "x/y/z plot"
 WEIGHT_AXIS = "LoRA weight"
 ANALYZER_TITLE = "lora effective block analyzer"
-BYPASS = {"override_settings": {"lora_core_apply_mode": "bypass"}}
+MERGED = {"override_settings": {"lora_core_apply_mode": "merged"}}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if not CKPT.is_file() or not (LORA_DIR / "test_lora.safetensors").is_file():
         pytest.skip(f"{CKPT} or {LORA_DIR}/test_lora.safetensors is missing (../shared/testbed/setup.sh makes them)")
-    link = WEBUI / "extensions" / EXTENSION_NAME
-    made_link = not link.exists()
-    if made_link:
-        link.symlink_to(ROOT)
-    server = WebUI(WEBUI, CKPT, [BUILTIN_NAME], tmp_path_factory.mktemp("blocks"))
-    yield server
-    server.stop()
-    if made_link:
-        link.unlink()
+    with extension_linked(WEBUI):
+        server = WebUI(WEBUI, CKPT, [BUILTIN_NAME], tmp_path_factory.mktemp("blocks"))
+        yield server
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def references(server):
-    """The LoRA at 1 applied merged (the default for a steady prompt), no LoRA, the LoRA at 1 in bypass (what a sweep
-    uses). The no-LoRA call in between matters: A1111 keeps the last prompt's conditioning (its key is the prompt and
-    the LoRA items, not how they are applied), so a bypass call right after the merged one would reuse its TE output."""
-    merged = server.txt2img(LORA1)
-    return {"merged": merged, "base": server.txt2img(BASE), "bypass": server.txt2img(LORA1, **BYPASS)}
+    """The LoRA at 1 merged (forced), no LoRA, then the LoRA at 1 in the automatic mode: a set the previous
+    generation did not use runs in bypass, as a sweep does. The no-LoRA call in between matters: A1111 keeps the last
+    prompt's conditioning (its key is the prompt and the LoRA items, not how they are applied), so a call with the
+    same prompt right after the merged one would reuse its TE output."""
+    merged = server.txt2img(LORA1, **MERGED)
+    return {"merged": merged, "base": server.txt2img(BASE), "bypass": server.txt2img(LORA1)}
 
 
 def script_info(server, name: str) -> dict:

@@ -12,7 +12,6 @@ A server starts only when the machine has ``MIN_FREE_GB`` of memory available (o
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -20,22 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI, psnr, same_pixels
+from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI, checkpoint, extension_linked, psnr, same_pixels, webui_dir
 
 pytestmark = pytest.mark.e2e
 
-A1111_DIR = os.environ.get("A1111_DIR")
-if not A1111_DIR:
-    pytest.skip("A1111_DIR is not set: the end-to-end suite needs a WebUI checkout with its venv "
-                "(build one offline with ../shared/testbed/setup.sh, then A1111_DIR=$TESTBED/webui)",
-                allow_module_level=True)
+WEBUI = webui_dir()
 
 from lora_core.tools import extract, merge_into  # noqa: E402  (after the skip: torch is slow to import)
 
-ROOT = Path(__file__).resolve().parents[2]
-WEBUI = Path(A1111_DIR).resolve()
-CKPT_DIR = WEBUI / "models" / "Stable-diffusion"
-CKPT = CKPT_DIR / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+CKPT = checkpoint(WEBUI)
+CKPT_DIR = CKPT.parent
 TUNED = WEBUI.parent / "build" / "sd15-random-tuned.safetensors"
 LORA_DIR = WEBUI / "models" / "Lora"
 TOOLS_DIR = LORA_DIR / "lora-core-e2e-tools"
@@ -72,20 +65,15 @@ def written():
         if not needed.is_file():
             pytest.skip(f"{needed} is missing (../shared/testbed/setup.sh makes it)")
     TOOLS_DIR.mkdir(exist_ok=True)
-    link = WEBUI / "extensions" / EXTENSION_NAME
-    made_link = not link.exists()
     try:
         extracted = extract(CKPT, TUNED, EXTRACTED, rank=8, overwrite=True)
         merged = merge_into(CKPT, [f"{LORA_DIR / 'test_lora.safetensors'}:{MERGE_RATIO}"], MERGED,
                             save_precision="fp16", overwrite=True)
-        if made_link:
-            link.symlink_to(ROOT)
-        yield {"extract": extracted, "merge": merged}
+        with extension_linked(WEBUI):
+            yield {"extract": extracted, "merge": merged}
     finally:
         shutil.rmtree(TOOLS_DIR, ignore_errors=True)
         MERGED.unlink(missing_ok=True)
-        if made_link and link.is_symlink():
-            link.unlink()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ in ``models/Lora`` (``test_lora``); ``../shared/testbed/`` builds all of that of
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
@@ -19,19 +18,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from webui import BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, psnr, same_pixels
+from webui import (BUILTIN_NAME, EXTENSION_NAME, Generation, WebUI, checkpoint, extension_linked, psnr, same_pixels,
+                   webui_dir)
 
 pytestmark = pytest.mark.e2e
 
-A1111_DIR = os.environ.get("A1111_DIR")
-if not A1111_DIR:
-    pytest.skip("A1111_DIR is not set: the end-to-end suite needs a WebUI checkout with its venv "
-                "(build one offline with ../shared/testbed/setup.sh, then A1111_DIR=$TESTBED/webui)",
-                allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-WEBUI = Path(A1111_DIR).resolve()
-CKPT = WEBUI / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+WEBUI = webui_dir()
+CKPT = checkpoint(WEBUI)
 LORA_DIR = WEBUI / "models" / "Lora"
 E2E_DIR = LORA_DIR / "lora-core-e2e"
 
@@ -44,6 +37,7 @@ STACK = "a cat <lora:test_lora:0.7:0.3> <lora:e2e_locon:-0.5:1>"
 LOHA = "a cat <lora:test_loha:1>"
 LOKR = "a cat <lora:test_lokr:1>"
 COMPARED = [LORA1, LOCON, STACK, LOHA, LOKR]
+STEADY = [LORA1, STACK, LOHA]  # asked twice in a row: bypass, then merged
 LBW = {name: f"a cat <lora:test_lora:1:1:lbw={name}>" for name in ("ALL", "NONE", "MIDD")}
 BAD = {
     "corrupt": ("a cat <lora:e2e_corrupt:1>", "e2e_corrupt"),
@@ -102,14 +96,9 @@ def lora_files():
                "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640).half(),
                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4).half()},
               str(E2E_DIR / "e2e_sdxl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    link = WEBUI / "extensions" / EXTENSION_NAME
-    made_link = not link.exists()
-    if made_link:
-        link.symlink_to(ROOT)
-    yield
+    with extension_linked(WEBUI):
+        yield
     shutil.rmtree(E2E_DIR, ignore_errors=True)
-    if made_link:
-        link.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +130,14 @@ def ours(lora_files, builtin, workdir):
 
 @pytest.fixture(scope="module")
 def ours_images(ours):
-    """Our images, in an order that also proves restore: base first, LoRAs, base again."""
+    """Our images, in an order that also proves restore: base first, LoRAs, base again. Each prompt differs from
+    the one before, so the automatic mode applies it in bypass; the ones asked twice in a row are merged the
+    second time (a steady set)."""
     images = {"base_before": ours.txt2img(BASE)}
     for p in [LORA1, LORA0, *COMPARED[1:], *LBW.values()]:
         images[p] = ours.txt2img(p)
+        if p in STEADY:
+            images[f"steady {p}"] = ours.txt2img(p)
     images["base_after"] = ours.txt2img(BASE)
     return images
 
@@ -173,6 +166,12 @@ def test_same_image_as_the_builtin(ours_images, builtin, prompt):
     assert not same_pixels(builtin[prompt], builtin[BASE]), "the reference LoRA must change the image"
     value = psnr(ours_images[prompt], builtin[prompt])
     assert value >= 45, f"{prompt}: PSNR {value:.1f} dB against the built-in"
+
+
+@pytest.mark.parametrize("prompt", STEADY)
+def test_steady_set_merged_is_the_same_image_as_the_builtin(ours_images, builtin, prompt):
+    value = psnr(ours_images[f"steady {prompt}"], builtin[prompt])
+    assert value >= 45, f"{prompt}, second time: PSNR {value:.1f} dB against the built-in"
 
 
 def test_block_weights_in_the_webui(ours_images):

@@ -15,14 +15,47 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 EXTENSION_NAME = "sd-webui-lora-core"
 BUILTIN_NAME = "Lora"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def webui_dir(what: str = "the end-to-end suite") -> Path:
+    """``$A1111_DIR``; without it the calling test module is skipped, saying how to get one."""
+    a1111 = os.environ.get("A1111_DIR")
+    if not a1111:
+        import pytest
+
+        pytest.skip(f"A1111_DIR is not set: {what} needs a WebUI checkout with its venv (build one offline with "
+                    "../shared/testbed/setup.sh, then A1111_DIR=$TESTBED/webui)", allow_module_level=True)
+    return Path(a1111).resolve()
+
+
+def checkpoint(webui: Path) -> Path:
+    """The random-weight checkpoint the test bed puts into the WebUI (``A1111_CKPT`` names another one)."""
+    return webui / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
+
+
+@contextmanager
+def extension_linked(webui: Path) -> Iterator[None]:
+    """This checkout in the WebUI's extensions folder while the block runs (left alone if already there)."""
+    link = webui / "extensions" / EXTENSION_NAME
+    made = not link.exists()
+    if made:
+        link.symlink_to(ROOT)
+    try:
+        yield
+    finally:
+        if made and link.is_symlink():
+            link.unlink()
 
 
 def free_port() -> int:
