@@ -2,9 +2,11 @@
 
 Per instance of the model (forward hooks on the touched modules, never a class-level patch), in two modes:
 
-- ``bypass``: weights never change; a forward hook adds ``sum_i m_i * h_i(x)`` to the layer's output
-  (``nn.MultiheadAttention`` is recomputed with ``W0 + sum_i m_i dW_i``). Changing only multipliers costs no
-  tensor work: the hooks read the multipliers from the layer's state.
+- ``bypass``: a forward hook adds ``sum_i m_i * h_i(x)`` to the layer's output (``nn.MultiheadAttention`` is
+  recomputed with ``W0 + sum_i m_i dW_i``). Changing only multipliers costs no tensor work: the hooks read the
+  multipliers from the layer's state. Over a layer merged with the same adapters it adds ``(m_i - M_i) h_i(x)``
+  (``M_i`` the merged multipliers), so a weight change after a merged generation costs no weight pass; bypass
+  with every multiplier 0 restores the original weights instead.
 - ``merged``: ``W = W0 + sum_i m_i dW_i`` computed in float32 on the layer's device and cast back. Only the
   touched weights are backed up; restore copies them back, so it is bit-exact; non-finite results are refused.
   Layers stored in float8 (A1111's FP8 mode) use bypass even in merged mode.
@@ -59,9 +61,11 @@ class _Layer:
     created: list[str] = field(default_factory=list)  # param paths created (a bias the layer did not have)
     hook: torch.utils.hooks.RemovableHandle | None = None
     prepared: dict[tuple, list] = field(default_factory=dict)  # (device, dtype) -> bypass functions / deltas
+    baked: list[float] | None = None  # multipliers merged into the weights (None: the weights are the original)
+    hooked: list[float] = field(default_factory=list)  # what the hook adds, per entry: multiplier - baked
 
-    def structure(self) -> tuple:
-        return (self.mode, tuple(e.structure_key() for e in self.entries))
+    def keys(self) -> tuple:
+        return tuple(e.structure_key() for e in self.entries)
 
 
 def _param_paths(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -215,13 +219,21 @@ class Patcher:
                 raise NonFiniteWeightError(f"{name}: multiplier {e.multiplier:g} of {e.label or e.adapter.algorithm} "
                                            f"is NaN/Inf in float32; nothing was applied")
         old = self._layers.get(name)
-        new_structure = (layer_mode, tuple(e.structure_key() for e in entries))
         multipliers = [e.multiplier for e in entries]
-        if old is not None and old.structure() == new_structure:
-            if old.multipliers == multipliers:
+        if old is not None and old.keys() == tuple(e.structure_key() for e in entries):
+            if old.mode == layer_mode and old.multipliers == multipliers:
                 return
-            if layer_mode == "bypass":
-                old.multipliers[:] = multipliers  # the hook reads them: no tensor work
+            if layer_mode == "bypass" and (old.baked is None or any(m != 0 for m in multipliers)):
+                # the hook reads its multipliers: no tensor work. Over merged weights it adds the difference
+                # (a weight change after a steady generation costs neither a restore nor a re-merge); all
+                # multipliers 0 restores instead, so "no LoRA" is the original model bit for bit.
+                self._set_bypass(old, multipliers)
+                return
+            if layer_mode == "merged" and old.baked == multipliers:  # the weights already hold these
+                if old.hook is not None:
+                    old.hook.remove()
+                    old.hook = None
+                old.mode, old.multipliers, old.hooked = "merged", multipliers, []
                 return
         if old is not None:
             self._restore_layer(self._layers.pop(name))
@@ -229,7 +241,16 @@ class Patcher:
         self._layers[name] = layer  # registered first, so a failure below is undone by restore()
         if layer_mode == "merged":
             self._merge(layer)
+            layer.baked = list(multipliers)
         else:
+            self._set_bypass(layer, multipliers)
+
+    def _set_bypass(self, layer: _Layer, multipliers: list[float]) -> None:
+        baked = layer.baked or [0.0] * len(multipliers)
+        layer.mode = "bypass"
+        layer.multipliers = list(multipliers)
+        layer.hooked[:] = [m - b for m, b in zip(multipliers, baked)]
+        if layer.hook is None:
             self._hook(layer)
 
     def _restore_layer(self, layer: _Layer) -> None:
@@ -245,6 +266,7 @@ class Patcher:
             setattr(owner, attr, None)
         layer.backups.clear()
         layer.created.clear()
+        layer.baked = None
 
     # ------------------------------------------------------------------ merged
     def _merged_values(self, layer: _Layer, device: torch.device) -> dict[str, torch.Tensor]:
@@ -287,6 +309,25 @@ class Patcher:
             if db is not None:
                 bias_view.add_(db, alpha=m)
         return out
+
+    def _original(self, target: Target, what: str) -> torch.Tensor | None:
+        """The target's weight or bias as the model had it (the backup where the layer holds merged weights):
+        deltas of algorithms that read the base weight (DoRA, OFT, IA3) are always of the original."""
+        current = self.index.weight(target) if what == "weight" else self._bias_of(target)
+        layer = self._layers.get(target.module)
+        if layer is None or not layer.backups:
+            return current
+        module = layer.module
+        if isinstance(module, nn.MultiheadAttention):
+            if target.part == "out":
+                return layer.backups.get(f"out_proj.{what}", current)
+            whole = layer.backups.get(f"in_proj_{what}")
+            if whole is None:
+                return current
+            d = module.embed_dim
+            i = MHA_PARTS.index(target.part)
+            return whole[i * d:(i + 1) * d]
+        return layer.backups.get(what, current)
 
     def _bias_of(self, target: Target) -> torch.Tensor | None:
         module = self.index.modules[target.module]
@@ -359,9 +400,9 @@ class Patcher:
 
     def _compute_dense(self, entry: PlanEntry, device: torch.device,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = self.index.weight(entry.target).detach().to(device)
+        base = self._original(entry.target, "weight").detach().to(device)
         dw = entry.adapter.delta_weight(base.float(), entry.dyn).to(dtype)
-        bias = self._bias_of(entry.target)
+        bias = self._original(entry.target, "bias")
         db = entry.adapter.delta_bias(None if bias is None else bias.detach().to(device), device)
         return dw, None if db is None else db.to(dtype)
 
@@ -387,7 +428,7 @@ class Patcher:
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             fns: list[Bypass] = self._prepare(layer, x)
-            for fn, m in zip(fns, layer.multipliers):
+            for fn, m in zip(fns, layer.hooked):
                 if m != 0:
                     output = output + m * fn(x)
             return output
@@ -413,7 +454,7 @@ class Patcher:
             d = mha.embed_dim
             in_w, out_w = in_w.clone(), out_w.clone()
             in_b = None if in_b is None else in_b.clone()
-            for (part, dw, db), m in zip(prepared, layer.multipliers):
+            for (part, dw, db), m in zip(prepared, layer.hooked):
                 if m == 0:
                     continue
                 if part == "out":

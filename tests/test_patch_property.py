@@ -1,5 +1,6 @@
 """Whatever happens (apply, multiplier changes, LoRA switches, failures mid-apply, restore), in either mode, the
-model ends with every parameter and buffer bitwise equal to the original; in bypass mode no weight ever changes.
+model ends with every parameter and buffer bitwise equal to the original; applying in bypass mode writes no weight
+(it may only restore originals).
 """
 from __future__ import annotations
 
@@ -61,6 +62,13 @@ def assert_bitwise(root: torch.nn.Module, original: Snapshot, only: Iterable[str
         raise AssertionError(f"changed: {changed[:5]}")
 
 
+def assert_unchanged_or_original(root: torch.nn.Module, before: Snapshot, original: Snapshot) -> None:
+    for k, t in _tensors(root).items():
+        now = t.reshape(-1).view(torch.uint8)
+        assert torch.equal(now, before.tensors[k].reshape(-1).view(torch.uint8)) or \
+            torch.equal(now, original.tensors[k].reshape(-1).view(torch.uint8)), k
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The SD2 tiny model (UNet convs/linears/norms + OpenCLIP MultiheadAttention) with networks of every
@@ -113,14 +121,17 @@ def test_any_sequence_restores_bitwise(world, ops, monkeypatch):
     try:
         for step in ops:
             kind = step[0]
-            if kind == "apply":
-                _, chosen, mode, m = step
-                current = chosen
-                plan = [e for i in chosen for e in nets[i].plan(index, m, m * 0.5)]
+            if kind in ("apply", "multiplier"):
+                if kind == "apply":
+                    _, chosen, mode, m = step
+                    current = chosen
+                    plan = [e for i in chosen for e in nets[i].plan(index, m, m * 0.5)]
+                else:
+                    plan = [e for i in current for e in nets[i].plan(index, step[1], step[1])]
+                before = snapshot(root) if mode == "bypass" else None
                 patcher.apply(plan, mode)
-            elif kind == "multiplier":
-                plan = [e for i in current for e in nets[i].plan(index, step[1], step[1])]
-                patcher.apply(plan, mode)
+                if before is not None:  # bypass writes no weight; it may only put originals back
+                    assert_unchanged_or_original(root, before, original)
             elif kind == "restore":
                 patcher.restore()
                 assert_bitwise(root, original)
@@ -151,8 +162,6 @@ def test_any_sequence_restores_bitwise(world, ops, monkeypatch):
                     patcher.apply(plan, "merged")
                 assert not patcher.active
                 assert_bitwise(root, original)
-            if patcher.active and mode == "bypass" and kind in ("apply", "multiplier"):
-                assert_bitwise(root, original, only=patcher.touched)  # bypass never writes weights
     finally:
         patcher.restore()
     assert_bitwise(root, original)
@@ -182,3 +191,36 @@ def test_multiplier_change_in_bypass_touches_no_tensor(world, monkeypatch):
         assert {m for n in patcher.touched for m in patcher._layers[n].multipliers} == {0.25, -1.0}
         monkeypatch.undo()
     assert_bitwise(root, original)
+
+
+def test_bypass_over_merged_weights_adds_the_difference(world):
+    """A weight change after a merged apply keeps the merged weights and hooks ``(m - M) h(x)``: the outputs are
+    those of a plain bypass at ``m`` for every algorithm (DoRA, OFT and IA3 read the original weight, not the merged
+    one); merged again at ``M`` drops the hooks without writing; bypass at 0 restores the originals."""
+    from tiny_models import make_inputs, run_text_encoders, run_unet
+
+    root, index, nets, original = world
+    inputs = make_inputs(root, "sd2")
+
+    def outputs():
+        with torch.no_grad():
+            return [run_unet(root, inputs), *run_text_encoders(root, inputs).values()]
+
+    for i, net in enumerate(nets):
+        with Patcher(index) as reference:
+            reference.apply(net.plan(index, 0.3, -0.6), "bypass")
+            want = outputs()
+        with Patcher(index) as patcher:
+            patcher.apply(net.plan(index, 1.0, 1.0), "merged")
+            merged = snapshot(root)
+            patcher.apply(net.plan(index, 0.3, -0.6), "bypass")
+            assert_bitwise(root, merged)  # no weight written
+            assert all(patcher.layer_mode(n) == "bypass" for n in patcher.touched)
+            got = outputs()
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want)), net.name
+            patcher.apply(net.plan(index, 1.0, 1.0), "merged")  # back to the merged multipliers: free
+            assert_bitwise(root, merged)
+            assert all(patcher._layers[n].hook is None for n in patcher.touched)
+            patcher.apply(net.plan(index, 0.0, 0.0), "bypass")  # nothing: the original model, exactly
+            assert_bitwise(root, original)
+        assert_bitwise(root, original)

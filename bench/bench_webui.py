@@ -1,0 +1,338 @@
+"""Our extension against the built-in Lora and against no LoRA, in a real A1111 WebUI on CPU, through its API.
+
+One run starts one server per system, one after the other (the built-in with our extension disabled, ours with
+the built-in disabled), on the same checkpoint, with the same LoRA files and the same requests, and measures:
+
+a. activation: the extra time of the first generation with a LoRA never used before (1 and 5 LoRAs);
+b. weight change: the extra time of a generation whose only change is one LoRA's weight;
+c. steady state: per-step time with the same LoRA set as the previous generation (from 4- and N-step runs);
+d. an X/Y/Z sweep of 6 weights against an X/Y/Z run of six plain generations;
+e. RSS growth of the server after activation, and over switch cycles between two LoRAs.
+
+Every figure is a ratio of medians taken in this run (extra times are against the same server's plain
+generations). The LoRAs are random kohya-style files of the given rank on every attention/feed-forward layer of
+the UNet and every text-encoder layer sd-scripts trains, written for the checkpoint's shapes.
+
+    A1111_DIR=$TESTBED/webui .venv/bin/python bench/bench_webui.py --out bench/out/webui.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
+
+from lora_core.tools.checkpoint import CheckpointReader  # noqa: E402
+from lora_core.tools.extract import extract_targets  # noqa: E402
+from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI  # noqa: E402
+
+XYZ = "x/y/z plot"
+SWEEP_VALUES = "1, 0, 0.2, 0.4, 0.6, 0.8"  # the prompt holds the first one (Prompt S/R replaces it)
+PLAIN_WORDS = "cat, dog, fox, owl, cow, pig"
+PROMPT = "a cat"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"), help="WebUI checkout with its venv")
+    ap.add_argument("--ckpt", default="sd15-random.safetensors", help="checkpoint in models/Stable-diffusion")
+    ap.add_argument("--systems", default="builtin,ours")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each timed generation")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--long-steps", type=int, default=12, help="second step count for the per-step time")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
+    ap.add_argument("--builtin-cycles", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
+    ap.add_argument("--reuse", help="results JSON of an earlier run: its systems not measured now are reported")
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- LoRA files
+
+
+def write_lora(reader: CheckpointReader, targets: dict, path: Path, rank: int, seed: int) -> int:
+    """A random kohya LoRA (fp16, alpha = rank / 2) on ``targets``; returns the bytes of the weights it touches."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, touched = {}, 0
+    for target, name in targets.items():
+        shape = reader.index.weight_shape(target)
+        out_dim, in_dim = shape[0], int(torch.tensor(shape[1:]).prod())
+        down = torch.randn(rank, in_dim, generator=gen) / in_dim ** 0.5
+        up = torch.randn(out_dim, rank, generator=gen) * (0.1 / rank ** 0.5)  # ~5% of a random weight: 5 stay finite
+        tensors[f"{name}.lora_down.weight"] = down.reshape(rank, *shape[1:2], *([1] * (len(shape) - 2))).half() \
+            if len(shape) == 4 else down.half()
+        tensors[f"{name}.lora_up.weight"] = up.reshape(out_dim, rank, *([1] * (len(shape) - 2))).half()
+        tensors[f"{name}.alpha"] = torch.tensor(rank / 2, dtype=torch.float16)
+        touched += out_dim * in_dim * 4  # the server runs in float32 (--no-half)
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1", "ss_network_dim": str(rank),
+                                             "ss_network_alpha": str(rank / 2)})
+    return touched
+
+
+def make_files(webui: Path, ckpt: Path, rank: int, names: list[str]) -> tuple[Path, dict]:
+    folder = webui / "models" / "Lora" / "lora-core-bench"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with CheckpointReader(ckpt) as reader:
+        targets = {t: n for t, n in extract_targets(reader.index, conv=False).items()}
+        info = {}
+        for seed, name in enumerate(names):
+            touched = write_lora(reader, targets, folder / f"{name}.safetensors", rank, seed)
+            info[name] = {"bytes": (folder / f"{name}.safetensors").stat().st_size, "touched_bytes": touched,
+                          "layers": len(targets)}
+    return folder, info
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def rss(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class Runner:
+    def __init__(self, server: WebUI, args: argparse.Namespace, system: str):
+        self.server, self.args, self.system = server, args, system
+        self.log: list[dict] = []
+
+    def gen(self, prompt: str, steps: int | None = None, tag: str = "") -> float:
+        if tag and tag != "cycle":
+            print(f"{self.system}: {tag} {prompt[:70]}", flush=True)
+        t0 = time.perf_counter()
+        g = self.server.txt2img(prompt, size=self.args.size, steps=steps or self.args.steps)
+        seconds = time.perf_counter() - t0
+        errors = g.params.get("Lora errors")
+        if errors:
+            raise RuntimeError(f"{self.system}: {prompt}: {errors}")
+        self.log.append({"tag": tag, "prompt": prompt, "steps": steps or self.args.steps, "s": seconds})
+        return seconds
+
+    def xyz(self, prompt: str, axis: str, values: str) -> float:
+        info = [s for s in self.server.get("/sdapi/v1/script-info") if s["name"] == XYZ and not s["is_img2img"]][0]
+        axes = info["args"][0]["choices"]
+        args = [axes.index(axis), values, [], 0, "", [], 0, "", [], True, True, False, False,
+                False, False, False, 0, False]
+        payload = {"prompt": prompt, "width": self.args.size, "height": self.args.size, "steps": self.args.steps,
+                   "batch_size": 1, "n_iter": 1, "script_name": XYZ, "script_args": args}
+        t0 = time.perf_counter()
+        images, info = self.server.txt2img_all(payload)
+        seconds = time.perf_counter() - t0
+        if len(images) != 7:
+            raise RuntimeError(f"{self.system}: X/Y/Z gave {len(images)} images, not a grid and 6 cells")
+        if "Lora errors" in info.get("extra_generation_params", {}):
+            raise RuntimeError(f"{self.system}: {info['extra_generation_params']['Lora errors']}")
+        self.log.append({"tag": "xyz", "prompt": prompt, "axis": axis, "values": values, "s": seconds})
+        return seconds
+
+
+def lora(name: str, weight: float = 0.8) -> str:
+    return f"<lora:{name}:{weight:g}>"
+
+
+def measure(server: WebUI, args: argparse.Namespace, system: str, files: dict) -> dict:
+    r = Runner(server, args, system)
+    pid = server.proc.pid
+    out: dict = {"samples": {}}
+    s = out["samples"]
+    for _ in range(4):  # a fresh server's first generations are slow
+        r.gen(PROMPT, tag="warmup")
+    s["plain"] = [r.gen(PROMPT, tag="plain") for _ in range(5)]
+    out["rss_plain"] = rss(pid)["VmRSS"]
+
+    # a. activation, first use of each file; a plain generation before each, the second of two is a sample
+    s["activation_1"], s["activation_5"] = [], []
+    for i in range(args.reps):
+        r.gen(PROMPT)
+        s["plain"].append(r.gen(PROMPT, tag="plain"))
+        if i == 0:
+            rss_before = rss(pid)["VmRSS"]
+            reset_peak(pid)
+        s["activation_1"].append(r.gen(f"{PROMPT} {lora(f'{system}_a1_{i}')}", tag="activation_1"))
+        if i == 0:
+            after = rss(pid)
+            out["rss_activation_first"] = {"growth": after["VmRSS"] - rss_before, "peak": after["VmHWM"] - rss_before}
+            r.gen(f"{PROMPT} {lora(f'{system}_a1_{i}')}", tag="steady")  # ours merges here
+            after = rss(pid)
+            out["rss_activation_steady"] = {"growth": after["VmRSS"] - rss_before,
+                                            "peak": after["VmHWM"] - rss_before}
+    for i in range(args.reps):
+        r.gen(PROMPT)
+        s["plain"].append(r.gen(PROMPT, tag="plain"))
+        five = " ".join(lora(f"{system}_a5_{i}_{j}", 0.3) for j in range(5))
+        s["activation_5"].append(r.gen(f"{PROMPT} {five}", tag="activation_5"))
+
+    # b. weight change: the same file twice at one weight (steady), then another weight
+    s["weight_change"] = []
+    name = f"{system}_w"
+    for i in range(args.reps):
+        r.gen(f"{PROMPT} {lora(name, 0.8)}")
+        r.gen(f"{PROMPT} {lora(name, 0.8)}", tag="steady")
+        s["weight_change"].append(r.gen(f"{PROMPT} {lora(name, 0.5 + 0.05 * i)}", tag="weight_change"))
+
+    # c. steady state: per-step time from N-step minus 4-step generations, each right after one of its kind
+    # (the same LoRA set as the previous generation), in blocks LoRA / none / LoRA / none against drift
+    name = f"{system}_s"
+    for label in ("lora", "none"):
+        s[f"steady_{label}_short"], s[f"steady_{label}_long"] = [], []
+    for label, prompt in (("lora", f"{PROMPT} {lora(name)}"), ("none", PROMPT)) * 2:
+        r.gen(prompt)
+        r.gen(prompt)
+        for _ in range(args.reps):
+            s[f"steady_{label}_short"].append(r.gen(prompt, tag=f"steady_{label}_short"))
+            s[f"steady_{label}_long"].append(r.gen(prompt, args.long_steps, tag=f"steady_{label}_long"))
+
+    # d. X/Y/Z: six weights of one (already loaded) LoRA against six plain prompts
+    name = f"{system}_x"
+    r.gen(f"{PROMPT} {lora(name, 1)}")
+    weight_axis = "LoRA weight" if system == "ours" else "Prompt S/R"  # the built-in has no weight axis
+    s["sweep"], s["sweep_plain"] = [], []
+    for _ in range(max(2, args.reps - 1)):
+        s["sweep"].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES))
+        s["sweep_plain"].append(r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
+
+    # e. switch cycles between two files: RSS after the first 10 and at the end
+    cycles = args.cycles if system == "ours" else args.builtin_cycles
+    a, b = f"{PROMPT} {lora(f'{system}_cA')}", f"{PROMPT} {lora(f'{system}_cB')}"
+    marks = {}
+    for i in range(cycles):
+        r.gen(a, 1, tag="cycle")
+        r.gen(b, 1, tag="cycle")
+        if i + 1 in (10, cycles):
+            marks[i + 1] = rss(pid)["VmRSS"]
+    out["rss_cycles"] = {"cycles": cycles, "after_10": marks.get(10), "at_end": marks.get(cycles),
+                         "growth_10_to_end": marks[cycles] - marks[10] if cycles > 10 else None}
+    out["log"] = r.log
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def derive(system: dict, args: argparse.Namespace) -> dict:
+    s = system["samples"]
+    t0 = med(s["plain"])
+    step_lora = (med(s["steady_lora_long"]) - med(s["steady_lora_short"])) / (args.long_steps - args.steps)
+    step_none = (med(s["steady_none_long"]) - med(s["steady_none_short"])) / (args.long_steps - args.steps)
+    return {"plain_s": t0,
+            "activation_1_extra_s": med(s["activation_1"]) - t0,
+            "activation_5_extra_s": med(s["activation_5"]) - t0,
+            "weight_change_extra_s": med(s["weight_change"]) - t0,
+            "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
+            "sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
+            "sweep_ratio": med(s["sweep"]) / med(s["sweep_plain"])}
+
+
+def report(results: dict, files: dict, args: argparse.Namespace) -> str:
+    systems = [k for k in ("builtin", "ours") if k in results]
+    d = results["derived"]
+    lines = [f"# WebUI bench: random SD1.5, {args.size}x{args.size}, Euler, {args.steps} steps, CPU; "
+             f"rank-{args.rank} LoRA on {next(iter(files.values()))['layers']} layers, "
+             f"{next(iter(files.values()))['bytes'] / 2**20:.1f} MiB file", "",
+             "| figure | " + " | ".join(systems) + (" | ours / built-in |" if len(systems) == 2 else " |"),
+             "|---|" + "---:|" * (len(systems) + (len(systems) == 2))]
+
+    def row(label: str, key: str, fmt: str = "{:.3f}", ratio: bool = True) -> None:
+        cells = [fmt.format(d[k][key]) for k in systems]
+        if len(systems) == 2:
+            cells.append(f"{d['ours'][key] / d['builtin'][key]:.3f}" if ratio and d["builtin"][key] else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("plain generation (s)", "plain_s", ratio=False)
+    row("activation, 1 new LoRA: extra s", "activation_1_extra_s")
+    row("activation, 5 new LoRAs: extra s", "activation_5_extra_s")
+    row("weight change: extra s", "weight_change_extra_s")
+    row("steady per-step s, LoRA", "step_lora_s", "{:.4f}", ratio=False)
+    row("steady per-step s, no LoRA", "step_none_s", "{:.4f}", ratio=False)
+    row("steady per-step, LoRA / no LoRA", "steady_step_ratio", ratio=False)
+    row("X/Y/Z 6 weights (s)", "sweep_s", "{:.2f}", ratio=False)
+    row("X/Y/Z 6 plain (s)", "sweep_plain_s", "{:.2f}", ratio=False)
+    row("X/Y/Z 6 weights / 6 plain", "sweep_ratio", ratio=False)
+    f = next(iter(files.values()))
+    budget = 1.5 * f["bytes"] + f["touched_bytes"]
+    lines += ["", f"RSS (MiB; budget for activation = 1.5 x file + touched weights = {budget / 2**20:.0f}):", ""]
+    for k in systems:
+        res = results[k]
+        first, steady, cyc = res["rss_activation_first"], res["rss_activation_steady"], res["rss_cycles"]
+        lines.append(f"- {k}: first generation +{first['growth'] / 2**20:.0f} (peak +{first['peak'] / 2**20:.0f}); "
+                     f"second (steady) +{steady['growth'] / 2**20:.0f} (peak +{steady['peak'] / 2**20:.0f}); "
+                     f"{cyc['cycles']} switch cycles: {(cyc['growth_10_to_end'] or 0) / 2**20:+.0f} "
+                     f"from cycle 10 to the end")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.a1111:
+        sys.exit("set A1111_DIR or --a1111 to a WebUI checkout with its venv (../shared/testbed/ builds one)")
+    webui = Path(args.a1111).resolve()
+    ckpt = webui / "models" / "Stable-diffusion" / args.ckpt
+    systems = args.systems.split(",")
+    names = []
+    for system in systems:
+        names += [f"{system}_a1_{i}" for i in range(args.reps)]
+        names += [f"{system}_a5_{i}_{j}" for i in range(args.reps) for j in range(5)]
+        names += [f"{system}_{x}" for x in ("w", "s", "x", "cA", "cB")]
+    folder, files = make_files(webui, ckpt, args.rank, names)
+    workdir = Path(tempfile.mkdtemp(prefix="lora-core-bench-"))
+    results = {"config": {k: v for k, v in vars(args).items()}, "files": next(iter(files.values())),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.reuse:
+        earlier = json.loads(Path(args.reuse).read_text())
+        for system in ("builtin", "ours"):
+            if system not in systems and system in earlier:
+                results[system] = {**earlier[system], "from": f"{args.reuse}, started {earlier.get('started')}"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for system in systems:
+            disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
+            server = WebUI(webui, ckpt, disabled, workdir)
+            try:
+                t0 = time.time()
+                results[system] = measure(server, args, system, files)
+                results[system]["wall_s"] = time.time() - t0
+            except Exception as e:
+                results[f"{system}_error"] = f"{type(e).__name__}: {e}; server log {server.log}"
+                raise
+            finally:
+                server.stop()
+                out.write_text(json.dumps(results, indent=1))  # what was measured so far survives a failure
+            print(f"{system}: done in {results[system]['wall_s']:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    results["derived"] = {k: derive(results[k], args) for k in ("builtin", "ours") if k in results}
+    text = report(results, files, args)
+    results["table"] = text
+    out.write_text(json.dumps(results, indent=1))
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
