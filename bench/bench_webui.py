@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--builtin-cycles", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
     ap.add_argument("--reuse", help="results JSON of an earlier run: its systems not measured now are reported")
+    ap.add_argument("--report", help="only print (and rewrite) the table of this results JSON")
     return ap.parse_args(argv)
 
 
@@ -234,15 +235,25 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired_extra(log: list[dict], tag: str) -> list[float]:
+    """Each ``tag`` generation minus the generation just before it (a plain one for activations, the same LoRA at
+    its steady weight for weight changes): the machine's speed drifts over a run, neighbours share it."""
+    return [entry["s"] - log[i - 1]["s"] for i, entry in enumerate(log) if entry["tag"] == tag and i > 0]
+
+
 def derive(system: dict, args: argparse.Namespace) -> dict:
     s = system["samples"]
     t0 = med(s["plain"])
-    step_lora = (med(s["steady_lora_long"]) - med(s["steady_lora_short"])) / (args.long_steps - args.steps)
-    step_none = (med(s["steady_none_long"]) - med(s["steady_none_short"])) / (args.long_steps - args.steps)
+    log = system["log"]
+    def per_step(label: str) -> float:  # each long generation against the short one just before it
+        pairs = zip(s[f"steady_{label}_short"], s[f"steady_{label}_long"])
+        return med([(long - short) / (args.long_steps - args.steps) for short, long in pairs])
+
+    step_lora, step_none = per_step("lora"), per_step("none")
     return {"plain_s": t0,
-            "activation_1_extra_s": med(s["activation_1"]) - t0,
-            "activation_5_extra_s": med(s["activation_5"]) - t0,
-            "weight_change_extra_s": med(s["weight_change"]) - t0,
+            "activation_1_extra_s": med(paired_extra(log, "activation_1")),
+            "activation_5_extra_s": med(paired_extra(log, "activation_5")),
+            "weight_change_extra_s": med(paired_extra(log, "weight_change")),
             "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
             "sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
             "sweep_ratio": med(s["sweep"]) / med(s["sweep_plain"])}
@@ -288,6 +299,15 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        for key in ("steps", "long_steps", "size", "rank"):
+            setattr(args, key, results["config"][key])
+        results["derived"] = {k: derive(results[k], args) for k in ("builtin", "ours") if k in results}
+        results["table"] = report(results, {"file": results["files"]}, args)
+        Path(args.report).write_text(json.dumps(results, indent=1))
+        print(results["table"])
+        return results
     if not args.a1111:
         sys.exit("set A1111_DIR or --a1111 to a WebUI checkout with its venv (../shared/testbed/ builds one)")
     webui = Path(args.a1111).resolve()
