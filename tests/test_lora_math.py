@@ -141,6 +141,21 @@ def test_dyn_keeps_first_ranks_and_the_scale(fresh_sd1, tmp_path, dyn):
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+def assert_modes_in_dtype(index: ModelIndex, net, target: Target, args: tuple, want: torch.Tensor,
+                          dtype: torch.dtype, role: str) -> None:
+    """At multiplier 0.8, bypass and merged each give ``want`` within the dtype's tolerance, in the layer's dtype,
+    and leave the weight as it was."""
+    module = index.module(target)
+    base = index.weight(target).detach().clone()
+    with Patcher(index) as patcher:
+        for mode in ("bypass", "merged"):
+            patcher.apply(net.plan(index, 0.8, 0.8), mode)
+            got = run_layer(module, args)
+            assert got.dtype == dtype
+            assert rel_err(got, want) < TOLERANCE[dtype], (role, mode, rel_err(got, want))
+    assert torch.equal(index.weight(target), base)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("feature", ["plain", "tucker", "dora_in"])
 def test_half_precision(fresh_sd2, tmp_path, dtype, feature):
@@ -158,13 +173,7 @@ def test_half_precision(fresh_sd2, tmp_path, dtype, feature):
         args = layer_input(module, gen, dtype)
         want = run_layer(explicit_layer(module, target, expected_delta(tensors, base.float()), 0.8),
                          tuple(a.float() for a in args))
-        with Patcher(index) as patcher:
-            for mode in ("bypass", "merged"):
-                patcher.apply(net.plan(index, 0.8, 0.8), mode)
-                got = run_layer(module, args)
-                assert got.dtype == dtype
-                assert rel_err(got, want) < TOLERANCE[dtype], (role, mode, rel_err(got, want))
-        assert torch.equal(index.weight(target), base)
+        assert_modes_in_dtype(index, net, target, args, want, dtype, role)
 
 
 def test_fp8_weights_use_bypass_even_when_merged_is_asked(fresh_sd1, tmp_path):

@@ -31,7 +31,7 @@ from lora_core.model_index import MHA_PARTS, ModelIndex, Target
 from lora_core.network import load_network
 from lora_core.patch import Patcher
 from lora_factory import kohya_name_of, assert_both_modes_give
-from test_lora_math import TOLERANCE, rel_err
+from test_lora_math import TOLERANCE, assert_modes_in_dtype, rel_err, run_layer
 
 lycoris = pytest.importorskip("lycoris.modules")
 from lycoris.modules import FullModule, LohaModule, LokrModule, NormModule  # noqa: E402
@@ -170,11 +170,6 @@ def layer_input(module: nn.Module, gen: torch.Generator, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
-def run_layer(module: nn.Module, args: tuple) -> torch.Tensor:
-    out = module(*args, need_weights=False) if isinstance(module, nn.MultiheadAttention) else module(*args)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def explicit_layer(index: ModelIndex, target: Target, dw: torch.Tensor, db: torch.Tensor | None,
                    m: float) -> nn.Module:
     """A float32 copy of the layer with ``W0 + m dW`` (and ``b0 + m db``) written in."""
@@ -331,17 +326,9 @@ def test_half_precision(case_id, dtype, tmp_path, request):
         path = tmp_path / f"{role}.safetensors"
         save_file(oracle.state_dict, str(path))
         net = load_network(path, index)
-        module = index.module(target)
-        base = index.weight(target).detach().clone()
-        args = layer_input(module, gen, dtype)
+        args = layer_input(index.module(target), gen, dtype)
         want = run_layer(explicit_layer(index, target, oracle.dw, oracle.db, 0.8), tuple(a.float() for a in args))
-        with Patcher(index) as patcher:
-            for mode in ("bypass", "merged"):
-                patcher.apply(net.plan(index, 0.8, 0.8), mode)
-                got = run_layer(module, args)
-                assert got.dtype == dtype
-                assert rel_err(got, want) < TOLERANCE[dtype], (role, mode, rel_err(got, want))
-        assert torch.equal(index.weight(target), base)
+        assert_modes_in_dtype(index, net, target, args, want, dtype, role)
 
 
 class DtypeRecorder(TorchFunctionMode):
