@@ -103,7 +103,15 @@ class WebUI:
         settings = json.loads((a1111_dir / "config.json").read_text()) if (a1111_dir / "config.json").exists() else {}
         settings.update({"disabled_extensions": disabled, "disable_all_extensions": "none",
                          "auto_launch_browser": "Disable", "live_previews_enable": False,
-                         "show_progress_every_n_steps": -1, "lora_functional": False, **(overrides or {})})
+                         "show_progress_every_n_steps": -1, "lora_functional": False,
+                         # The test bed's random checkpoint has an identity final layer norm in its text encoder
+                         # (weight 1, bias 0), so every cond has a mean within rounding of 0. A1111's "Original"
+                         # emphasis rescales by original_mean / new_mean: where the float32 mean is exactly 0.0
+                         # that is 0/0 and the sampler stops with a NansException (found with a random rank-32 TE
+                         # LoRA at 0.8: ours rounded to 0.0, the built-in to 4.8e-9). "No norm" is the same
+                         # computation without that rescale: for prompts without (emphasis) it gives the same
+                         # images, and no NaN. Real checkpoints have a non-zero final bias; they never get there.
+                         "emphasis": "No norm", **(overrides or {})})
         self.settings_file = workdir / f"config-{self.port}.json"
         self.settings_file.write_text(json.dumps(settings, indent=1))
         python = a1111_dir / "venv" / "bin" / "python"
