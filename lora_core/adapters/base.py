@@ -121,18 +121,6 @@ class Adapter(ABC):
         """The tensors this adapter holds (for memory accounting)."""
         return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
 
-    def bypass(self, op: LayerOp, base: torch.Tensor, base_bias: torch.Tensor | None,
-               dtype: torch.dtype, dyn: int | None) -> Bypass:
-        """``h(x)`` with ``y(m) = y0 + m * h(x)``; the dense fallback computes the delta once."""
-        fast = self.low_rank_bypass(op, base.device, dtype, dyn)
-        if fast is not None:
-            return fast
-        dw = self.delta_weight(base.float(), dyn).to(dtype)
-        db = self.delta_bias(base_bias, base.device)
-        db = None if db is None else db.to(dtype)
-        # every op is linear in (weight, bias), norms through their affine part: op(x; W0+dW) = op(x; W0) + op(x; dW)
-        return lambda x: op(x, dw, db)
-
 
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32)
