@@ -90,7 +90,12 @@ def make_files(webui: Path, ckpt: Path, rank: int, names: list[str]) -> tuple[Pa
     with CheckpointReader(ckpt) as reader:
         targets = {t: n for t, n in extract_targets(reader.index, conv=False).items()}
         info = {}
-        for seed, name in enumerate(names):
+        roles = sorted({name.split("_", 1)[1] for name in names})
+        for name in names:
+            # the same role gets the same random weights in every system (`ours_s` = `builtin_s`): the speed of a
+            # random model with a random LoRA depends on the values (a slow steady LoRA was seen with one seed),
+            # so a comparison must run both systems on the same tensors
+            seed = roles.index(name.split("_", 1)[1])
             touched = write_lora(reader, targets, folder / f"{name}.safetensors", rank, seed)
             info[name] = {"bytes": (folder / f"{name}.safetensors").stat().st_size, "touched_bytes": touched,
                           "layers": len(targets)}

@@ -428,9 +428,19 @@ class Patcher:
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             fns: list[Bypass] = self._prepare(layer, x)
+            if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
+                for fn, m in zip(fns, layer.hooked):
+                    if m != 0:
+                        output = output + m * fn(x)
+                return output
+            # sampling (no_grad / inference_mode): the output is the layer's own new tensor, add into it
             for fn, m in zip(fns, layer.hooked):
                 if m != 0:
-                    output = output + m * fn(x)
+                    add_to = getattr(fn, "add_to", None)
+                    if add_to is not None:
+                        add_to(output, x, m)
+                    else:
+                        output.add_(fn(x), alpha=m)
             return output
 
         layer.hook = module.register_forward_hook(hook)

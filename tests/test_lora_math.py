@@ -202,3 +202,49 @@ def test_fp8_weights_use_bypass_even_when_merged_is_asked(fresh_sd1, tmp_path):
             y = hook(module, (x,), y)
         assert rel_err(y, want) < 1e-5
     assert torch.equal(module.weight.view(torch.uint8), stored.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_bypass_adds_into_the_output_while_sampling_and_makes_a_new_tensor_under_autograd(fresh_sd1, tmp_path, kind):
+    """Under no_grad the hook accumulates into the layer's own output (one addmm_ for a LoRA Linear); with
+    autograd on it returns a new tensor. Both give the explicit W0 + m*dW layer, and gradients still flow."""
+    index = ModelIndex(fresh_sd1)
+    target = layer_targets(index)[kind]
+    module = index.module(target)
+    path, tensors = save_lora(tmp_path, index, target, LoraSpec())
+    net = load_network(path, index)
+    args = layer_input(module, torch.Generator().manual_seed(3), torch.float32)
+    want = run_layer(explicit_layer(module, target, expected_delta(tensors, module.weight.detach().float()), 0.7),
+                     args).detach()
+    outputs = []
+    module.register_forward_hook(lambda mod, a, out: outputs.append(out))  # sees the layer's own output first
+    with Patcher(index) as patcher:
+        patcher.apply(net.plan(index, 0.7, 0.7), "bypass")
+        with torch.no_grad():
+            y = run_layer(module, args)
+        assert y is outputs[-1], "sampling: the delta went into the layer's output, no new tensor"
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        x = args[0].clone().requires_grad_(True)
+        y2 = run_layer(module, (x,))
+        assert y2 is not outputs[-1]
+        torch.testing.assert_close(y2.detach(), want, rtol=1e-5, atol=1e-5)
+        y2.sum().backward()
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_linear_bypass_add_to_falls_back_where_the_output_cannot_take_a_gemm():
+    from lora_core.adapters.base import LinearBypass
+
+    gen = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen)
+    fn = LinearBypass(down, up, 0.5)
+    x = torch.randn(2, 3, 6, generator=gen)
+    want_h = (x @ down.T @ up.T) * 0.5
+    torch.testing.assert_close(fn(x), want_h)
+    for out in (torch.randn(2, 3, 5, generator=gen),                      # contiguous: addmm_
+                torch.randn(3, 2, 5, generator=gen).transpose(0, 1),      # not contiguous: add_
+                torch.randn(2, 3, 5, generator=gen).half()):              # another dtype: add_
+        expected = out.float() + 0.3 * want_h
+        fn.add_to(out, x, 0.3)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-3 if out.dtype == torch.half else 1e-5,
+                                   atol=2e-3 if out.dtype == torch.half else 1e-5)

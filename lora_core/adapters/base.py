@@ -122,6 +122,28 @@ class Adapter(ABC):
         return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
 
 
+class LinearBypass:
+    """``h(x) = scale * up(down(x))`` of a low-rank Linear delta. ``add_to`` accumulates ``m * h(x)`` into the
+    layer's own output with one GEMM (``addmm_``) instead of a second matmul, two scalings and an addition:
+    the per-layer cost of bypass is mostly such small operations."""
+
+    __slots__ = ("down", "up", "scale")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
+        self.down, self.up, self.scale = down, up, scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
+        h = F.linear(x, self.down)
+        alpha = m * self.scale
+        if out.dtype == h.dtype and out.is_contiguous() and out.dim() >= 1 and out.shape[:-1] == h.shape[:-1]:
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.t(), alpha=alpha)
+        else:
+            out.add_(F.linear(h, self.up), alpha=alpha)
+
+
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedLayerError
-from .base import Adapter, Bypass, LayerOp, TargetInfo, fit_shape, numel, scalar
+from .base import Adapter, Bypass, LayerOp, LinearBypass, TargetInfo, fit_shape, numel, scalar
 
 
 def alpha_scale(alpha: float | None, rank: int, explicit: float | None = None) -> float:
@@ -125,8 +125,7 @@ class LoraAdapter(Adapter):
         up, down, mid = self._factors(device, dtype, dyn)
         s = self.scale
         if not op.is_conv:
-            down2 = down.reshape(down.shape[0], -1)
-            return lambda x: F.linear(F.linear(x, down2), up) * s
+            return LinearBypass(down.reshape(down.shape[0], -1), up, s)
         up4 = up.reshape(up.shape[0], up.shape[1], 1, 1)
         kw = op.kwargs
         if mid is None:
