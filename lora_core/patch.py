@@ -457,13 +457,12 @@ class Patcher:
             call.update(kwargs)
             q, k, v = call["query"], call["key"], call["value"]
             prepared = self._prepare(layer, q)
-            in_w = mha.in_proj_weight.detach().to(q.dtype)
-            in_b = None if mha.in_proj_bias is None else mha.in_proj_bias.detach().to(q.dtype)
-            out_w = mha.out_proj.weight.detach().to(q.dtype)
+            # one copy each in the input's dtype (`.to` then `.clone` copied twice when the dtype differed)
+            in_w = mha.in_proj_weight.detach().to(q.dtype, copy=True)
+            in_b = None if mha.in_proj_bias is None else mha.in_proj_bias.detach().to(q.dtype, copy=True)
+            out_w = mha.out_proj.weight.detach().to(q.dtype, copy=True)
             out_b = None if mha.out_proj.bias is None else mha.out_proj.bias.detach().to(q.dtype)
             d = mha.embed_dim
-            in_w, out_w = in_w.clone(), out_w.clone()
-            in_b = None if in_b is None else in_b.clone()
             for (part, dw, db), m in zip(prepared, layer.hooked):
                 if m == 0:
                     continue
