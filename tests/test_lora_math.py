@@ -204,7 +204,7 @@ def test_fp8_weights_use_bypass_even_when_merged_is_asked(fresh_sd1, tmp_path):
     assert torch.equal(module.weight.view(torch.uint8), stored.view(torch.uint8))
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3"])
 def test_bypass_adds_into_the_output_while_sampling_and_makes_a_new_tensor_under_autograd(fresh_sd1, tmp_path, kind):
     """Under no_grad the hook accumulates into the layer's own output (one addmm_ for a LoRA Linear); with
     autograd on it returns a new tensor. Both give the explicit W0 + m*dW layer, and gradients still flow."""
@@ -223,6 +223,9 @@ def test_bypass_adds_into_the_output_while_sampling_and_makes_a_new_tensor_under
         with torch.no_grad():
             y = run_layer(module, args)
         assert y is outputs[-1], "sampling: the delta went into the layer's output, no new tensor"
+        if kind == "conv1x1":  # SD1.5's proj_in/proj_out: matmuls over the pixels, not two convolutions
+            from lora_core.adapters.base import PointwiseConvBypass
+            assert isinstance(patcher._layers[target.module].prepared[(y.device, y.dtype)][0], PointwiseConvBypass)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
         x = args[0].clone().requires_grad_(True)
         y2 = run_layer(module, (x,))
@@ -248,3 +251,25 @@ def test_linear_bypass_add_to_falls_back_where_the_output_cannot_take_a_gemm():
         fn.add_to(out, x, 0.3)
         torch.testing.assert_close(out.float(), expected, rtol=2e-3 if out.dtype == torch.half else 1e-5,
                                    atol=2e-3 if out.dtype == torch.half else 1e-5)
+
+
+def test_pointwise_conv_bypass_matches_the_two_convolutions_and_falls_back_where_it_cannot_use_matmuls():
+    from lora_core.adapters.base import PointwiseConvBypass
+
+    gen = torch.Generator().manual_seed(1)
+    down, up = torch.randn(4, 6, 1, 1, generator=gen), torch.randn(5, 4, 1, 1, generator=gen)
+    fn = PointwiseConvBypass(down, up, 0.5)
+    x = torch.randn(2, 6, 3, 4, generator=gen)
+    want_h = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), up) * 0.5
+    torch.testing.assert_close(fn(x), want_h)
+    torch.testing.assert_close(fn(x.to(memory_format=torch.channels_last)), want_h)  # not contiguous: convs
+    for out in (torch.randn(2, 5, 3, 4, generator=gen),                                   # contiguous: baddbmm_
+                torch.randn(2, 5, 3, 4, generator=gen).to(memory_format=torch.channels_last),  # add_
+                torch.randn(2, 5, 3, 4, generator=gen).half()):                           # another dtype: add_
+        expected = out.float() + 0.3 * want_h
+        fn.add_to(out, x, 0.3)
+        half = out.dtype == torch.half
+        torch.testing.assert_close(out.float(), expected, rtol=2e-3 if half else 1e-5, atol=2e-3 if half else 1e-5)
+    out = torch.zeros(2, 5, 3, 4)
+    fn.add_to(out, x.to(memory_format=torch.channels_last), 1.0)  # a channels-last input
+    torch.testing.assert_close(out, want_h)

@@ -144,6 +144,40 @@ class LinearBypass:
             out.add_(F.linear(h, self.up), alpha=alpha)
 
 
+class PointwiseConvBypass:
+    """``h(x) = scale * up(down(x))`` of a low-rank delta on a 1x1 convolution (stride 1, no padding, one group:
+    SD1.5's ``proj_in``/``proj_out``): two batched matmuls over the pixels instead of two convolutions. A CPU
+    convolution reorders its weight on every call, which made these tiny convolutions the largest part of the
+    UNet's bypass cost (SD1.5, 8x8 latent: 2.5x to 4x slower than the matmuls)."""
+
+    __slots__ = ("down", "up", "scale")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
+        self.down, self.up, self.scale = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() != 4 or not x.is_contiguous():
+            return None
+        return x.view(x.shape[0], x.shape[1], -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._flat(x)
+        if flat is None:
+            return F.conv2d(F.conv2d(x, self.down[:, :, None, None]), self.up[:, :, None, None]) * self.scale
+        h = torch.matmul(self.up, torch.matmul(self.down, flat))
+        return (h * self.scale).view(x.shape[0], -1, *x.shape[2:])
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
+        flat = self._flat(x)
+        if flat is None or out.dtype != x.dtype or not out.is_contiguous() or out.shape[0] != x.shape[0] \
+                or out.shape[2:] != x.shape[2:]:
+            out.add_(self(x), alpha=m)
+            return
+        n = x.shape[0]
+        h = torch.matmul(self.down, flat)
+        out.view(n, out.shape[1], -1).baddbmm_(self.up.expand(n, *self.up.shape), h, alpha=m * self.scale)
+
+
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32)
 
