@@ -1,10 +1,12 @@
 """Our extension against the built-in Lora and against no LoRA, in a real A1111 WebUI on CPU, through its API.
 
-One run starts one server per system, one after the other (the built-in with our extension disabled, ours with
-the built-in disabled), on the same checkpoint, with the same LoRA files and the same requests, and measures:
+One run starts two servers per system, one after the other (the built-in with our extension disabled, ours with
+the built-in disabled): one for times (a-d, with page-fault-free allocator settings, see ``STABLE_MALLOC``) and one
+for memory (e, default allocator), on the same checkpoint, with the same LoRA files and requests, and measures:
 
 a. activation: the extra time of the first generation with a LoRA never used before (1 and 5 LoRAs);
-b. weight change: the extra time of a generation whose only change is one LoRA's weight;
+b. weight change: the extra time of a generation whose only change is one LoRA's weight (and, for scale, that of a
+   plain generation with a new prompt: the text encoder's share, which any system pays for a new weight);
 c. steady state: per-step time with the same LoRA set as the previous generation (from 4- and N-step runs);
 d. an X/Y/Z sweep of 6 weights against an X/Y/Z run of six plain generations;
 e. RSS growth of the server after activation, and over switch cycles between two LoRAs.
@@ -41,6 +43,14 @@ XYZ = "x/y/z plot"
 SWEEP_VALUES = "1, 0, 0.2, 0.4, 0.6, 0.8"  # the prompt holds the first one (Prompt S/R replaces it)
 PLAIN_WORDS = "cat, dog, fox, owl, cow, pig"
 PROMPT = "a cat"
+#: glibc malloc settings of the server that measures times. With the defaults, the CPU convolutions' per-call
+#: weight reorders (up to 118 MB each) come from fresh mmaps or from free heap space depending on what the process
+#: freed before: on the test bed one UNet step took 470k-680k page faults (about 1.9-2.7 GB) or none, 1.6 s or 0.8 s,
+#: and a plain generation after a restore (freed backups leave such space) ran 1.6x faster than one on a fresh
+#: server, so a LoRA-against-no-LoRA ratio measured the allocator's history. One arena, no mmap, no trim: every
+#: generation runs without page faults (A1111's webui.sh preloads TCMalloc for the same reason; this machine has
+#: none). Memory (figure e) is measured on a second server with the defaults, as a user has it.
+STABLE_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
     ap.add_argument("--builtin-cycles", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
+    ap.add_argument("--malloc", choices=("stable", "default"), default="stable",
+                    help="allocator settings of the server that measures times (figures a-d); see STABLE_MALLOC")
     ap.add_argument("--reuse", help="results JSON of an earlier run: its systems not measured now are reported")
     ap.add_argument("--report", help="only print (and rewrite) the table of this results JSON")
     return ap.parse_args(argv)
@@ -92,9 +104,8 @@ def make_files(webui: Path, ckpt: Path, rank: int, names: list[str]) -> tuple[Pa
         info = {}
         roles = sorted({name.split("_", 1)[1] for name in names})
         for name in names:
-            # the same role gets the same random weights in every system (`ours_s` = `builtin_s`): the speed of a
-            # random model with a random LoRA depends on the values (a slow steady LoRA was seen with one seed),
-            # so a comparison must run both systems on the same tensors
+            # the same role gets the same random weights in every system (`ours_s` = `builtin_s`), so that both
+            # compute the same images
             seed = roles.index(name.split("_", 1)[1])
             touched = write_lora(reader, targets, folder / f"{name}.safetensors", rank, seed)
             info[name] = {"bytes": (folder / f"{name}.safetensors").stat().st_size, "touched_bytes": touched,
@@ -157,43 +168,41 @@ def lora(name: str, weight: float = 0.8) -> str:
     return f"<lora:{name}:{weight:g}>"
 
 
-def measure(server: WebUI, args: argparse.Namespace, system: str, files: dict) -> dict:
-    r = Runner(server, args, system)
-    pid = server.proc.pid
-    out: dict = {"samples": {}}
-    s = out["samples"]
+def warm_up(r: Runner) -> None:
     for _ in range(4):  # a fresh server's first generations are slow
         r.gen(PROMPT, tag="warmup")
+
+
+def measure_time(server: WebUI, args: argparse.Namespace, system: str) -> dict:
+    """Figures a to d, on a server whose allocator does not page-fault (see ``STABLE_MALLOC``)."""
+    r = Runner(server, args, system)
+    out: dict = {"samples": {}}
+    s = out["samples"]
+    warm_up(r)
     s["plain"] = [r.gen(PROMPT, tag="plain") for _ in range(5)]
-    out["rss_plain"] = rss(pid)["VmRSS"]
 
     # a. activation, first use of each file; a plain generation before each, the second of two is a sample
     s["activation_1"], s["activation_5"] = [], []
     for i in range(args.reps):
         r.gen(PROMPT)
         s["plain"].append(r.gen(PROMPT, tag="plain"))
-        if i == 0:
-            rss_before = rss(pid)["VmRSS"]
-            reset_peak(pid)
         s["activation_1"].append(r.gen(f"{PROMPT} {lora(f'{system}_a1_{i}')}", tag="activation_1"))
-        if i == 0:
-            after = rss(pid)
-            out["rss_activation_first"] = {"growth": after["VmRSS"] - rss_before, "peak": after["VmHWM"] - rss_before}
-            r.gen(f"{PROMPT} {lora(f'{system}_a1_{i}')}", tag="steady")  # ours merges here
-            after = rss(pid)
-            out["rss_activation_steady"] = {"growth": after["VmRSS"] - rss_before,
-                                            "peak": after["VmHWM"] - rss_before}
     for i in range(args.reps):
         r.gen(PROMPT)
         s["plain"].append(r.gen(PROMPT, tag="plain"))
         five = " ".join(lora(f"{system}_a5_{i}_{j}", 0.3) for j in range(5))
         s["activation_5"].append(r.gen(f"{PROMPT} {five}", tag="activation_5"))
 
-    # b. weight change: the same file twice at one weight (steady), then another weight
-    s["weight_change"] = []
+    # b. weight change: the same file three times at one weight (steady), then another weight. Any system must run the
+    # text encoder again for a new weight (A1111 caches the cond by prompt and extra-network weights): its share
+    # is measured as a plain generation with a new prompt after a plain one ("new prompt" below)
+    s["weight_change"], s["new_prompt"] = [], []
     name = f"{system}_w"
     for i in range(args.reps):
+        r.gen(PROMPT)
+        s["new_prompt"].append(r.gen(f"{PROMPT} {i}", tag="new_prompt"))
         r.gen(f"{PROMPT} {lora(name, 0.8)}")
+        r.gen(f"{PROMPT} {lora(name, 0.8)}")  # ours merges here: the sample below is against a generation after it
         r.gen(f"{PROMPT} {lora(name, 0.8)}", tag="steady")
         s["weight_change"].append(r.gen(f"{PROMPT} {lora(name, 0.5 + 0.05 * i)}", tag="weight_change"))
 
@@ -217,8 +226,28 @@ def measure(server: WebUI, args: argparse.Namespace, system: str, files: dict) -
     for _ in range(max(2, args.reps - 1)):
         s["sweep"].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES))
         s["sweep_plain"].append(r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
+    out["log"] = r.log
+    return out
 
-    # e. switch cycles between two files: RSS after the first 10 and at the end
+
+def measure_memory(server: WebUI, args: argparse.Namespace, system: str) -> dict:
+    """Figure e, on a server with the allocator as a user has it: RSS after activation and over switch cycles."""
+    r = Runner(server, args, system)
+    pid = server.proc.pid
+    out: dict = {}
+    warm_up(r)
+    out["rss_plain"] = rss(pid)["VmRSS"]
+    rss_before = rss(pid)["VmRSS"]
+    reset_peak(pid)
+    name = f"{system}_m"
+    r.gen(f"{PROMPT} {lora(name)}", tag="activation")
+    after = rss(pid)
+    out["rss_activation_first"] = {"growth": after["VmRSS"] - rss_before, "peak": after["VmHWM"] - rss_before}
+    r.gen(f"{PROMPT} {lora(name)}", tag="steady")  # ours merges here
+    after = rss(pid)
+    out["rss_activation_steady"] = {"growth": after["VmRSS"] - rss_before, "peak": after["VmHWM"] - rss_before}
+
+    # switch cycles between two files: RSS after the first 10 and at the end
     cycles = args.cycles if system == "ours" else args.builtin_cycles
     a, b = f"{PROMPT} {lora(f'{system}_cA')}", f"{PROMPT} {lora(f'{system}_cB')}"
     marks = {}
@@ -229,7 +258,7 @@ def measure(server: WebUI, args: argparse.Namespace, system: str, files: dict) -
             marks[i + 1] = rss(pid)["VmRSS"]
     out["rss_cycles"] = {"cycles": cycles, "after_10": marks.get(10), "at_end": marks.get(cycles),
                          "growth_10_to_end": marks[cycles] - marks[10] if cycles > 10 else None}
-    out["log"] = r.log
+    out["memory_log"] = r.log
     return out
 
 
@@ -259,6 +288,7 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
             "activation_1_extra_s": med(paired_extra(log, "activation_1")),
             "activation_5_extra_s": med(paired_extra(log, "activation_5")),
             "weight_change_extra_s": med(paired_extra(log, "weight_change")),
+            "new_prompt_extra_s": med(paired_extra(log, "new_prompt")),
             "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
             "sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
             "sweep_ratio": med(s["sweep"]) / med(s["sweep_plain"])}
@@ -283,6 +313,7 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("activation, 1 new LoRA: extra s", "activation_1_extra_s")
     row("activation, 5 new LoRAs: extra s", "activation_5_extra_s")
     row("weight change: extra s", "weight_change_extra_s")
+    row("(new plain prompt: extra s)", "new_prompt_extra_s", ratio=False)
     row("steady per-step s, LoRA", "step_lora_s", "{:.4f}", ratio=False)
     row("steady per-step s, no LoRA", "step_none_s", "{:.4f}", ratio=False)
     row("steady per-step, LoRA / no LoRA", "steady_step_ratio", ratio=False)
@@ -322,7 +353,7 @@ def main(argv=None) -> dict:
     for system in systems:
         names += [f"{system}_a1_{i}" for i in range(args.reps)]
         names += [f"{system}_a5_{i}_{j}" for i in range(args.reps) for j in range(5)]
-        names += [f"{system}_{x}" for x in ("w", "s", "x", "cA", "cB")]
+        names += [f"{system}_{x}" for x in ("w", "s", "x", "m", "cA", "cB")]
     folder, files = make_files(webui, ckpt, args.rank, names)
     workdir = Path(tempfile.mkdtemp(prefix="lora-core-bench-"))
     results = {"config": {k: v for k, v in vars(args).items()}, "files": next(iter(files.values())),
@@ -337,17 +368,19 @@ def main(argv=None) -> dict:
     try:
         for system in systems:
             disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
-            server = WebUI(webui, ckpt, disabled, workdir)
-            try:
-                t0 = time.time()
-                results[system] = measure(server, args, system, files)
-                results[system]["wall_s"] = time.time() - t0
-            except Exception as e:
-                results[f"{system}_error"] = f"{type(e).__name__}: {e}; server log {server.log}"
-                raise
-            finally:
-                server.stop()
-                out.write_text(json.dumps(results, indent=1))  # what was measured so far survives a failure
+            t0 = time.time()
+            for part, env, run in (("time", STABLE_MALLOC if args.malloc == "stable" else {}, measure_time),
+                                   ("memory", {}, measure_memory)):
+                server = WebUI(webui, ckpt, disabled, workdir, env=env)
+                try:
+                    results.setdefault(system, {}).update(run(server, args, system))
+                except Exception as e:
+                    results[f"{system}_error"] = f"{part}: {type(e).__name__}: {e}; server log {server.log}"
+                    raise
+                finally:
+                    server.stop()
+                    out.write_text(json.dumps(results, indent=1))  # what was measured so far survives a failure
+            results[system]["wall_s"] = time.time() - t0
             print(f"{system}: done in {results[system]['wall_s']:.0f} s", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

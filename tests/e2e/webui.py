@@ -96,7 +96,7 @@ class WebUI:
     """One server process; ``disabled`` are extension names (folder names) to turn off for this run."""
 
     def __init__(self, a1111_dir: Path, ckpt: Path, disabled: list[str], workdir: Path, extra_args: list[str] = (),
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, env: dict | None = None):
         self.dir = a1111_dir
         self.port = free_port()
         self.log = workdir / f"webui-{self.port}.log"
@@ -116,7 +116,7 @@ class WebUI:
         self.settings_file.write_text(json.dumps(settings, indent=1))
         python = a1111_dir / "venv" / "bin" / "python"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   GRADIO_ANALYTICS_ENABLED="False", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+                   GRADIO_ANALYTICS_ENABLED="False", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1", **(env or {}))
         hf_home = a1111_dir.parent / "hf_home"
         if "HF_HOME" not in os.environ and hf_home.is_dir():
             env["HF_HOME"] = str(hf_home)  # the test bed's offline CLIP tokenizer/config
