@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
 
 from lora_core.tools.checkpoint import CheckpointReader  # noqa: E402
 from lora_core.tools.extract import extract_targets  # noqa: E402
-from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI  # noqa: E402
+from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI, extension_linked  # noqa: E402
 
 XYZ = "x/y/z plot"
 SWEEP_VALUES = "1, 0, 0.2, 0.4, 0.6, 0.8"  # the prompt holds the first one (Prompt S/R replaces it)
@@ -366,22 +366,23 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        for system in systems:
-            disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
-            t0 = time.time()
-            for part, env, run in (("time", STABLE_MALLOC if args.malloc == "stable" else {}, measure_time),
-                                   ("memory", {}, measure_memory)):
-                server = WebUI(webui, ckpt, disabled, workdir, env=env)
-                try:
-                    results.setdefault(system, {}).update(run(server, args, system))
-                except Exception as e:
-                    results[f"{system}_error"] = f"{part}: {type(e).__name__}: {e}; server log {server.log}"
-                    raise
-                finally:
-                    server.stop()
-                    out.write_text(json.dumps(results, indent=1))  # what was measured so far survives a failure
-            results[system]["wall_s"] = time.time() - t0
-            print(f"{system}: done in {results[system]['wall_s']:.0f} s", flush=True)
+        with extension_linked(webui):  # this checkout in extensions/ while the servers run (left alone if one is there)
+            for system in systems:
+                disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
+                t0 = time.time()
+                for part, env, run in (("time", STABLE_MALLOC if args.malloc == "stable" else {}, measure_time),
+                                       ("memory", {}, measure_memory)):
+                    server = WebUI(webui, ckpt, disabled, workdir, env=env)
+                    try:
+                        results.setdefault(system, {}).update(run(server, args, system))
+                    except Exception as e:
+                        results[f"{system}_error"] = f"{part}: {type(e).__name__}: {e}; server log {server.log}"
+                        raise
+                    finally:
+                        server.stop()
+                        out.write_text(json.dumps(results, indent=1))  # what was measured so far survives a failure
+                results[system]["wall_s"] = time.time() - t0
+                print(f"{system}: done in {results[system]['wall_s']:.0f} s", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results["derived"] = {k: derive(results[k], args) for k in ("builtin", "ours") if k in results}
