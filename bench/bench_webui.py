@@ -233,8 +233,7 @@ def measure_memory(server: WebUI, args: argparse.Namespace, system: str) -> dict
     pid = server.proc.pid
     out: dict = {}
     warm_up(r)
-    out["rss_plain"] = rss(pid)["VmRSS"]
-    rss_before = rss(pid)["VmRSS"]
+    out["rss_plain"] = rss_before = rss(pid)["VmRSS"]
     reset_peak(pid)
     name = f"{system}_m"
     r.gen(f"{PROMPT} {lora(name)}", tag="activation")
