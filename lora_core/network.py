@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
+from .cost import LayerCost, layer_cost, unet_levels
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
 from .io import open_lora
 from .keymap import detect_file_family, map_keys
@@ -62,6 +63,16 @@ class Network:
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     _dense_bytes: dict = field(default_factory=dict, repr=False, compare=False)
+    _costs: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def unet_costs(self, index: ModelIndex, dyn: int | None = None) -> list[LayerCost]:
+        """What bypass and a merge of this network's UNet layers do (see ``cost``), computed once per model."""
+        key = (id(index), dyn)
+        if key not in self._costs:
+            levels = unet_levels(index)
+            self._costs[key] = [layer_cost(adapter, index, target, levels, dyn)
+                                for target, adapter in self.adapters.items() if not index.is_text_encoder(target)]
+        return self._costs[key]
 
     def dense_bypass_bytes(self, index: ModelIndex, dyn: int | None = None) -> int:
         """Bytes of the full-size deltas bypass mode would hold for this network on ``index`` (targets whose

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .cost import Workload, device_costs, estimate
 from .errors import LoraError, LoraNotFoundError
 from .library import LoraEntry, LoraLibrary
 from .model_index import ModelIndex, Target
@@ -112,8 +113,13 @@ class LoraRuntime:
 
     # ------------------------------------------------------------------ a generation
     def activate(self, items_list: Sequence[Sequence[str]], *, hires: bool = False,
-                 total_steps: int | None = None, sweep: bool = False) -> Activation:
-        """Apply the LoRAs of one generation (or of its hires pass); never raises for bad input."""
+                 total_steps: int | None = None, sweep: bool = False,
+                 workload: Workload | None = None) -> Activation:
+        """Apply the LoRAs of one generation (or of its hires pass); never raises for bad input.
+
+        ``workload`` (the pass's UNet calls and rows) lets ``auto`` merge a new set at once where merging costs
+        less than bypass over the pass (large images, many steps); without it a new set runs in bypass.
+        """
         result = Activation()
         if self.index is None or self.patcher is None:
             result.errors.append("no model is loaded")
@@ -125,7 +131,7 @@ class LoraRuntime:
                 active.append(found)
         self._active = active
         self._hires = hires
-        mode = self._choose_mode(active, sweep, result)
+        mode = self._choose_mode(active, sweep, result, workload)
         self._apply(active, mode, 0, total_steps or 1, result)
         result.active = list(self._active)
         result.mode = self._applied_mode
@@ -198,14 +204,15 @@ class LoraRuntime:
         index = self.index
         return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
-    def _choose_mode(self, active: list[ActiveLora], sweep: bool, result: Activation) -> str:
+    def _choose_mode(self, active: list[ActiveLora], sweep: bool, result: Activation,
+                     workload: Workload | None = None) -> str:
         """``auto``: bypass until a set proves steady, then merged.
 
         - weights that change within a run (schedules, start/stop, an X/Y/Z sweep): bypass, where a multiplier
           change is free;
         - a set of files and weights not used by the previous generation (a new LoRA, a new weight, switching
-          back and forth): bypass, whose whole cost is a few percent per step, instead of a merge that costs
-          more than several steps;
+          back and forth): bypass, whose cost is a few percent per step, where that costs less over the pass than
+          a merge (small images, few steps: see ``cost``), else merged at once;
         - the same files and weights as the previous generation: merged, so every later generation has no
           per-step cost;
         - the hires pass keeps the first pass's mode when its set is the same;
@@ -222,7 +229,12 @@ class LoraRuntime:
         else:
             previous, self._last_set = self._last_set, key
             steady = not sweep and all(lora.request.is_static() for lora in active)
-            mode = "merged" if steady and key == previous else "bypass"
+            if steady and key == previous:
+                mode = "merged"
+            elif steady and active and workload is not None and self._merging_is_cheaper(active, workload):
+                mode = "merged"
+            else:
+                mode = "bypass"
         if mode == "bypass" and active:
             dense = sum(lora.network.dense_bypass_bytes(self.index, lora.request.dyn) for lora in active)
             if dense > self.bypass_budget:
@@ -230,6 +242,15 @@ class LoraRuntime:
                 result.notes.append(f"bypass would hold {dense / 2**20:.0f} MiB of full-size deltas (budget "
                                     f"{self.bypass_budget / 2**20:.0f} MiB): merged instead")
         return mode
+
+    def _merging_is_cheaper(self, active: list[ActiveLora], workload: Workload) -> bool:
+        costs = [c for lora in active for c in lora.network.unet_costs(self.index, lora.request.dyn)]
+        weight = next((p for p in self.index.root.parameters()), None)
+        device = weight.device if weight is not None else None
+        if not costs or device is None:
+            return False
+        bypass, merge = estimate(costs, workload, device_costs(device))
+        return merge < bypass
 
     def _te_mode(self) -> str | None:
         """``auto`` keeps text-encoder layers in bypass: they run once per prompt, a merge would only cost."""

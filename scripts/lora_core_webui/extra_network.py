@@ -6,6 +6,7 @@ import random
 
 from modules import extra_networks, shared
 
+from lora_core.cost import Workload
 from lora_core.runtime import Activation
 
 from . import embeddings, state
@@ -20,6 +21,16 @@ def _pass_steps(p, hires: bool) -> int:
     if hires:
         return int(getattr(p, "hr_second_pass_steps", 0) or getattr(p, "steps", 1) or 1)
     return int(getattr(p, "steps", 1) or 1)
+
+
+def _workload(p) -> Workload | None:
+    """The first pass as the sampler will run it: steps, and latent rows per UNet call (prompt and negative
+    are one batch). The hires pass keeps the first pass's mode, so it needs none."""
+    try:
+        rows = (int(p.width) // 8) * (int(p.height) // 8) * max(1, int(getattr(p, "batch_size", 1) or 1)) * 2
+        return Workload(calls=_pass_steps(p, False), rows=rows)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _warn(message: str) -> None:
@@ -71,7 +82,8 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
         if not hires:  # R and U block weights are drawn per generation, reproducibly from its seed
             seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", 0)]
             state.block_weights().new_generation(random.Random(f"{seeds[0]}:{getattr(p, 'iteration', 0)}"))
-        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires), sweep=state.is_sweep(p))
+        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires), sweep=state.is_sweep(p),
+                                  workload=None if hires else _workload(p))
         embeddings.sync(result.active, result.errors)
         for note in result.notes:
             if note not in _noted:  # once per file version and process, not every generation
