@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
     ap.add_argument("--builtin-cycles", type=int, default=20)
+    ap.add_argument("--sweep-pairs", type=int, default=4, help="X/Y/Z weight sweeps, each paired with a plain one")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
     ap.add_argument("--malloc", choices=("stable", "default"), default="stable",
                     help="allocator settings of the server that measures times (figures a-d); see STABLE_MALLOC")
@@ -220,9 +221,11 @@ def measure_time(server: WebUI, args: argparse.Namespace, system: str) -> dict:
     r.gen(f"{PROMPT} {lora(name, 1)}")
     weight_axis = "LoRA weight" if system == "ours" else "Prompt S/R"  # the built-in has no weight axis
     s["sweep"], s["sweep_plain"] = [], []
-    for _ in range(max(2, args.reps - 1)):
-        s["sweep"].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES))
-        s["sweep_plain"].append(r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
+    for i in range(args.sweep_pairs):  # pairs in ABBA order: a drift of the machine's speed cancels out
+        order = ("sweep", "sweep_plain") if i % 2 == 0 else ("sweep_plain", "sweep")
+        for kind in order:
+            s[kind].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES) if kind == "sweep"
+                           else r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
     out["log"] = r.log
     return out
 
@@ -286,7 +289,7 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
             "weight_change_extra_s": med(paired_extra(log, "weight_change")),
             "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
             "sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
-            "sweep_ratio": med(s["sweep"]) / med(s["sweep_plain"])}
+            "sweep_ratio": med([a / b for a, b in zip(s["sweep"], s["sweep_plain"])])}
 
 
 def report(results: dict, files: dict, args: argparse.Namespace) -> str:
