@@ -81,16 +81,21 @@ class LayerCost:
     merge_bytes: float
 
 
-def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int, dyn: int | None) -> LayerCost:
+def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> bool:
+    """Whether bypass runs this target in low-rank form (else it holds and multiplies by the full delta; so does
+    MultiheadAttention, whose packed projections are recomputed with full deltas)."""
     module = index.module(target)
+    return not isinstance(module, nn.MultiheadAttention) and adapter.low_rank_bypass(
+        LayerOp.of(module, target.part), torch.device("meta"), torch.float32, dyn) is not None
+
+
+def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int, dyn: int | None) -> LayerCost:
     weight_numel = index.weight(target).numel()
-    low = None
-    if not isinstance(module, nn.MultiheadAttention):
-        low = adapter.low_rank_bypass(LayerOp.of(module, target.part), torch.device("meta"), torch.float32, dyn)
+    low = has_low_rank_bypass(adapter, index, target, dyn)
     rows = 4.0 ** -unet_level(target.module, levels)
     factors = sum(t.numel() for t in adapter.tensors())
     # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta
-    per_row = 2.0 * (factors if low is not None else weight_numel)
+    per_row = 2.0 * (factors if low else weight_numel)
     shape = index.weight_shape(target)
     rank = factors / max(1, shape[0] + weight_numel // max(1, shape[0]))  # factors / (out + in): the rank
     return LayerCost(per_row * rows, 2.0 * weight_numel * max(1.0, rank), 4.0 * weight_numel)

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
-from .cost import LayerCost, layer_cost, unet_levels
+from .cost import LayerCost, has_low_rank_bypass, layer_cost, unet_levels
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
 from .io import open_lora
 from .keymap import detect_file_family, map_keys
@@ -79,14 +78,11 @@ class Network:
         algorithm has no low-rank form, and MultiheadAttention, which is recomputed with a full delta)."""
         key = (id(index), dyn)
         if key not in self._dense_bytes:
-            meta = torch.device("meta")
             total = 0
             for target, adapter in self.adapters.items():
-                module = index.module(target)
-                weight = index.weight(target)
-                if not isinstance(module, nn.MultiheadAttention) and \
-                        adapter.low_rank_bypass(LayerOp.of(module), meta, torch.float32, dyn) is not None:
+                if has_low_rank_bypass(adapter, index, target, dyn):
                     continue
+                weight = index.weight(target)
                 total += weight.numel() * max(weight.element_size(), 2)  # fp8 weights run in 16 bits
             self._dense_bytes[key] = total
         return self._dense_bytes[key]

@@ -245,7 +245,7 @@ class LoraRuntime:
 
     def _merging_is_cheaper(self, active: list[ActiveLora], workload: Workload) -> bool:
         costs = [c for lora in active for c in lora.network.unet_costs(self.index, lora.request.dyn)]
-        weight = next((p for p in self.index.root.parameters()), None)
+        weight = next(self.index.root.parameters(), None)
         device = weight.device if weight is not None else None
         if not costs or device is None:
             return False
