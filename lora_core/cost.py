@@ -11,13 +11,13 @@ Only UNet layers count: the automatic mode keeps text-encoder layers in bypass i
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, LayerOp
+from .blocks import block_of
 from .model_index import ModelIndex, Target
 
 
@@ -49,27 +49,23 @@ def device_costs(device: torch.device) -> DeviceCosts:
     return CPU if device.type == "cpu" else ACCELERATOR
 
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.")
-
-
 def unet_levels(index: ModelIndex) -> int:
     """Resolution levels of the compvis UNet (4 in SD1/SD2, 3 in SDXL): three output blocks per level."""
-    numbers = [int(m.group(2)) for name in index.modules
-               if (m := _BLOCK_RE.search(name)) and m.group(1) == "output_blocks"]
-    return max(1, (max(numbers) + 1) // 3) if numbers else 1
+    outs = [int(block[3:]) for name in index.modules
+            if (block := block_of(index, Target(name))).startswith("OUT")]
+    return max(1, (max(outs) + 1) // 3) if outs else 1
 
 
-def unet_level(name: str, levels: int) -> int:
-    """The resolution level a UNet layer runs at (0: the latent's own size, each level halves both sides)."""
-    m = _BLOCK_RE.search(name)
-    if m is None:
-        return 0  # conv_in, conv_out, out: full size (time embeddings are a single row: counted high, harmless)
-    if m.group(3):
+def unet_level(block: str, levels: int) -> int:
+    """The resolution level a layer of this block (``blocks.block_of``) runs at: 0 is the latent's own size,
+    each level halves both sides."""
+    if block == "M00":
         return levels - 1
-    n = int(m.group(2))
-    if m.group(1) == "input_blocks":
-        return min(n // 3, levels - 1)
-    return max(levels - 1 - n // 3, 0)
+    if block.startswith("IN"):
+        return min(int(block[2:]) // 3, levels - 1)
+    if block.startswith("OUT"):
+        return max(levels - 1 - int(block[3:]) // 3, 0)
+    return 0  # conv_in, conv_out, out (BASE/OTHER): full size; time embeddings are one row, counted high, harmless
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn
 def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int, dyn: int | None) -> LayerCost:
     weight_numel = index.weight(target).numel()
     low = has_low_rank_bypass(adapter, index, target, dyn)
-    rows = 4.0 ** -unet_level(target.module, levels)
+    rows = 4.0 ** -unet_level(block_of(index, target), levels)
     factors = sum(t.numel() for t in adapter.tensors())
     # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta
     per_row = 2.0 * (factors if low else weight_numel)

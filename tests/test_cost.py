@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from lora_core import cost
 from lora_core.library import LoraLibrary
-from lora_core.model_index import ModelIndex
+from lora_core.blocks import block_of
+from lora_core.model_index import ModelIndex, Target
 from lora_core.network import load_network
 from lora_core.runtime import LoraRuntime
 from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
@@ -46,7 +47,7 @@ def test_unet_level_gives_the_rows_every_attention_layer_sees(family, fresh_sd1,
         if ".transformer_blocks." in name or name.endswith((".proj_in", ".proj_out")):
             if name.endswith(("attn2.to_k", "attn2.to_v")):
                 continue  # these read the prompt (77 rows whatever the image): counted high, their cost is small
-            assert seen == first // 4 ** cost.unet_level(name, levels), name
+            assert seen == first // 4 ** cost.unet_level(block_of(index, Target(name)), levels), name
             checked += 1
     assert checked > 20
 
