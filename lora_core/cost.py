@@ -4,8 +4,9 @@ Bypass costs on every UNet call: per hooked layer a fixed latency (the hook, two
 low-rank matmuls over the layer's rows (tokens or pixels), which grow with the latent size. Merging costs once:
 a few passes over each touched weight (float32 copy, backup, write back) plus the delta's matmul, whatever the
 image size. So bypass wins for small images and few steps, merging for everything else: on the CPU test bed
-(SD1.5, a rank-32 LoRA on its 192 attention layers) bypass costs 33 ms a step at a 8x8 latent and 88 ms at 32x32,
-the merge 0.75 s, so at 64x64 pixels and 4 steps bypass is the cheaper, at 256x256 and 20 steps merging is.
+(SD1.5, a rank-32 LoRA on its 192 attention layers) bypass cost 33 ms a step at a 8x8 latent and 88 ms at 32x32
+before the keys and values of cross-attention were computed once per pass (about 9 ms less a step at 8x8), the
+merge 0.75 s, so at 64x64 pixels and 4 steps bypass is the cheaper, at 256x256 and 20 steps merging is.
 
 Only UNet layers count: the automatic mode keeps text-encoder layers in bypass in either case.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from .adapters import Adapter, LayerOp
 from .blocks import block_of
 from .model_index import ModelIndex, Target
+from .patch import CONTEXT_LAYERS
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class LayerCost:
     bypass_flops_per_row: float
     merge_flops: float
     merge_bytes: float
+    hook_share: float = 1.0  #: of the device's fixed cost per call (a stored key/value output: a hook and an add)
 
 
 def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> bool:
@@ -90,16 +93,20 @@ def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int,
     low = has_low_rank_bypass(adapter, index, target, dyn)
     rows = 4.0 ** -unet_level(block_of(index, target), levels)
     factors = sum(t.numel() for t in adapter.tensors())
-    # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta
-    per_row = 2.0 * (factors if low else weight_numel)
+    # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta.
+    # Cross-attention keys/values read the prompt, not the image: computed once per pass (patch.ContextMemo),
+    # then each call is the hook and one addition (SD1.5 on the CPU test bed: ~15 us against ~280 us computed)
+    context = target.module.endswith(CONTEXT_LAYERS)
+    per_row = 0.0 if context else 2.0 * (factors if low else weight_numel)
     shape = index.weight_shape(target)
     rank = factors / max(1, shape[0] + weight_numel // max(1, shape[0]))  # factors / (out + in): the rank
-    return LayerCost(per_row * rows, 2.0 * weight_numel * max(1.0, rank), 4.0 * weight_numel)
+    return LayerCost(per_row * rows, 2.0 * weight_numel * max(1.0, rank), 4.0 * weight_numel,
+                     0.1 if context else 1.0)
 
 
 def estimate(costs: list[LayerCost], workload: Workload, device: DeviceCosts) -> tuple[float, float]:
     """Seconds (bypass over the whole pass, merge once) for these layers."""
-    per_call = sum(device.hook + c.bypass_flops_per_row * workload.rows / device.flops for c in costs)
+    per_call = sum(device.hook * c.hook_share + c.bypass_flops_per_row * workload.rows / device.flops for c in costs)
     merge = sum(device.merge + c.merge_flops / device.flops + c.merge_bytes * device.passes / device.bandwidth
                 for c in costs)
     return per_call * workload.calls, merge

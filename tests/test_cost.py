@@ -46,7 +46,7 @@ def test_unet_level_gives_the_rows_every_attention_layer_sees(family, fresh_sd1,
     for name, seen in rows.items():
         if ".transformer_blocks." in name or name.endswith((".proj_in", ".proj_out")):
             if name.endswith(("attn2.to_k", "attn2.to_v")):
-                continue  # these read the prompt (77 rows whatever the image): counted high, their cost is small
+                continue  # these read the prompt, the same on every step: computed once (test below)
             assert seen == first // 4 ** cost.unet_level(block_of(index, Target(name)), levels), name
             checked += 1
     assert checked > 20
@@ -69,6 +69,21 @@ def test_estimates_scale_with_steps_and_image_size_and_merge_does_not(fresh_sd1,
     dense = load_network(tmp_path / "h.safetensors", index).unet_costs(index)
     low = costs[:6]
     assert all(d.bypass_flops_per_row > l.bypass_flops_per_row for d, l in zip(dense, low))
+
+
+def test_cross_attention_keys_and_values_cost_no_flops_per_step(fresh_sd1, tmp_path):
+    """They read the prompt, whose low-rank outputs bypass computes once per pass (patch.ContextMemo)."""
+    index = ModelIndex(fresh_sd1)
+    targets = [t for t in pick_targets(index, kinds=(torch.nn.Linear,)) if not index.is_text_encoder(t)]
+    save_file(make_kohya_lora(index, targets, LoraSpec(rank=4), seed=1), str(tmp_path / "a.safetensors"))
+    network = load_network(tmp_path / "a.safetensors", index)
+    by_target = dict(zip([t for t in network.adapters if not index.is_text_encoder(t)], network.unet_costs(index)))
+    context = {t for t in by_target if t.module.endswith(("attn2.to_k", "attn2.to_v"))}
+    assert context and len(context) < len(by_target)
+    for target, c in by_target.items():
+        assert (c.bypass_flops_per_row == 0) == (target in context), target
+        assert (c.hook_share < 1) == (target in context), target
+        assert c.merge_flops > 0 and c.merge_bytes > 0
 
 
 @pytest.fixture
