@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
     ap.add_argument("--builtin-cycles", type=int, default=20)
-    ap.add_argument("--sweep-pairs", type=int, default=4, help="X/Y/Z weight sweeps, each paired with a plain one")
+    ap.add_argument("--sweep-pairs", type=int, default=6, help="X/Y/Z weight sweeps, each paired with a plain one")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
     ap.add_argument("--malloc", choices=("stable", "default"), default="stable",
                     help="allocator settings of the server that measures times (figures a-d); see STABLE_MALLOC")
