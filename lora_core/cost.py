@@ -20,7 +20,7 @@ from torch import nn
 from .adapters import Adapter, LayerOp
 from .blocks import block_of
 from .model_index import ModelIndex, Target
-from .patch import CONTEXT_LAYERS
+from .patch import reads_context
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int,
     # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta.
     # Cross-attention keys/values read the prompt, not the image: computed once per pass (patch.ContextMemo),
     # then each call is the hook and one addition (SD1.5 on the CPU test bed: ~15 us against ~280 us computed)
-    context = target.module.endswith(CONTEXT_LAYERS)
+    context = reads_context(index, target)
     per_row = 0.0 if context else 2.0 * (factors if low else weight_numel)
     shape = index.weight_shape(target)
     rank = factors / max(1, shape[0] + weight_numel // max(1, shape[0]))  # factors / (out + in): the rank

@@ -5,9 +5,10 @@ Per instance of the model (forward hooks on the touched modules, never a class-l
 - ``bypass``: a forward hook adds ``sum_i m_i * h_i(x)`` to the layer's output (``nn.MultiheadAttention`` is
   recomputed with ``W0 + sum_i m_i dW_i``). Changing only multipliers costs no tensor work: the hooks read the
   multipliers from the layer's state. Cross-attention keys and values read the text conditioning, the same on
-  every sampling step: their ``h_i`` are computed once per conditioning (``ContextMemo``). Over a layer merged with the same adapters it adds ``(m_i - M_i) h_i(x)``
-  (``M_i`` the merged multipliers), so a weight change after a merged generation costs no weight pass; bypass
-  with every multiplier 0 restores the original weights instead.
+  every sampling step: their ``h_i`` are computed once per conditioning (``ContextMemo``). Over a layer merged
+  with the same adapters it adds ``(m_i - M_i) h_i(x)`` (``M_i`` the merged multipliers), so a weight change
+  after a merged generation costs no weight pass; bypass with every multiplier 0 restores the original weights
+  instead.
 - ``merged``: ``W = W0 + sum_i m_i dW_i`` computed in float32 on the layer's device and cast back. Only the
   touched weights are backed up; restore copies them back, so it is bit-exact; non-finite results are refused.
   Layers stored in float8 (A1111's FP8 mode) use bypass even in merged mode.
@@ -33,6 +34,13 @@ MODES = ("bypass", "merged")
 _F32_MAX = torch.finfo(torch.float32).max
 #: UNet layers whose input is the text conditioning rather than the image: the same values on every step.
 CONTEXT_LAYERS = (".attn2.to_k", ".attn2.to_v")
+
+
+def reads_context(index: ModelIndex, target: Target) -> bool:
+    """Whether the target is a UNet layer whose input is the text conditioning (``CONTEXT_LAYERS``)."""
+    return target.module.endswith(CONTEXT_LAYERS) and not index.is_text_encoder(target)
+
+
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
              if hasattr(torch, n))
 
@@ -316,7 +324,7 @@ class Patcher:
             self._restore_layer(self._layers.pop(name))
         self._uids += 1
         layer = _Layer(name, module, layer_mode, list(entries), multipliers, uid=self._uids,
-                       context=name.endswith(CONTEXT_LAYERS) and not self.index.is_text_encoder(entries[0].target))
+                       context=reads_context(self.index, entries[0].target))
         self._layers[name] = layer  # registered first, so a failure below is undone by restore()
         if layer_mode == "merged":
             self._merge(layer)
