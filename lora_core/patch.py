@@ -372,8 +372,10 @@ class Patcher:
             if path not in out:
                 owner, attr = paths[path]
                 current = getattr(owner, attr)
-                if current is not None:
-                    out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True)
+                if current is not None:  # contiguous whatever the layer's layout (--opt-channelslast): the
+                    # fused adds view it as a matrix; writing it back restores the layout
+                    out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True,
+                                                    memory_format=torch.contiguous_format)
                 else:  # a bias the layer does not have yet
                     shape = (3 * module.embed_dim,) if path == "in_proj_bias" else like.shape
                     out[path] = torch.zeros(shape, dtype=torch.float32, device=device)

@@ -253,7 +253,9 @@ def test_linear_bypass_add_to_falls_back_where_the_output_cannot_take_a_gemm():
                                    atol=2e-3 if out.dtype == torch.half else 1e-5)
 
 
-def test_pointwise_conv_bypass_matches_the_two_convolutions_and_falls_back_where_it_cannot_use_matmuls():
+def test_pointwise_conv_bypass_matches_the_two_convolutions_in_either_layout(monkeypatch):
+    """Contiguous and channels-last inputs (A1111's CPU UNet hands proj_in/proj_out channels-last tensors) take
+    matmuls, never the two convolutions; an output of the other layout or dtype takes a plain addition."""
     from lora_core.adapters.base import PointwiseConvBypass
 
     gen = torch.Generator().manual_seed(1)
@@ -261,15 +263,58 @@ def test_pointwise_conv_bypass_matches_the_two_convolutions_and_falls_back_where
     fn = PointwiseConvBypass(down, up, 0.5)
     x = torch.randn(2, 6, 3, 4, generator=gen)
     want_h = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), up) * 0.5
+    last = torch.channels_last
+
+    def no_conv(*a, **k):
+        raise AssertionError("a 4-D input in either layout must not run the convolutions")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_conv)
     torch.testing.assert_close(fn(x), want_h)
-    torch.testing.assert_close(fn(x.to(memory_format=torch.channels_last)), want_h)  # not contiguous: convs
-    for out in (torch.randn(2, 5, 3, 4, generator=gen),                                   # contiguous: baddbmm_
-                torch.randn(2, 5, 3, 4, generator=gen).to(memory_format=torch.channels_last),  # add_
-                torch.randn(2, 5, 3, 4, generator=gen).half()):                           # another dtype: add_
-        expected = out.float() + 0.3 * want_h
-        fn.add_to(out, x, 0.3)
-        half = out.dtype == torch.half
-        torch.testing.assert_close(out.float(), expected, rtol=2e-3 if half else 1e-5, atol=2e-3 if half else 1e-5)
-    out = torch.zeros(2, 5, 3, 4)
-    fn.add_to(out, x.to(memory_format=torch.channels_last), 1.0)  # a channels-last input
-    torch.testing.assert_close(out, want_h)
+    h_last = fn(x.to(memory_format=last))
+    torch.testing.assert_close(h_last, want_h)
+    assert h_last.is_contiguous(memory_format=last), "the result keeps the input's layout"
+    for xin in (x, x.to(memory_format=last)):
+        for out in (torch.randn(2, 5, 3, 4, generator=gen),                          # NCHW
+                    torch.randn(2, 5, 3, 4, generator=gen).to(memory_format=last),   # channels-last
+                    torch.randn(2, 5, 3, 4, generator=gen).half()):                  # another dtype: add_
+            expected = out.float() + 0.3 * want_h
+            fn.add_to(out, xin, 0.3)
+            half = out.dtype == torch.half
+            torch.testing.assert_close(out.float(), expected, rtol=2e-3 if half else 1e-5,
+                                       atol=2e-3 if half else 1e-5)
+    monkeypatch.undo()
+    odd = x[:, :, :, ::2]  # neither layout: the two convolutions
+    torch.testing.assert_close(fn(odd), torch.nn.functional.conv2d(torch.nn.functional.conv2d(odd, down), up) * 0.5)
+
+
+def test_bypass_on_a_channels_last_unet_matches_merged_and_keeps_proj_in_out_off_the_convolutions(
+        fresh_sd1, tmp_path, monkeypatch):
+    """A1111's CPU UNet hands SD1's 1x1 proj_in/proj_out channels-last tensors: the real tiny SD1 UNet in that
+    layout gives the merged model's output in bypass, and those layers' deltas run as pixel-by-channel matmuls."""
+    import tiny_models
+    from lora_core.adapters.base import PointwiseConvBypass
+    from lora_factory import make_kohya_lora, pick_targets
+
+    index = ModelIndex(fresh_sd1)
+    targets = [t for t in pick_targets(index, kinds=(nn.Linear, nn.Conv2d)) if not index.is_text_encoder(t)]
+    pointwise = [t for t in targets if t.module.endswith((".proj_in", ".proj_out"))]
+    assert pointwise and all(isinstance(index.module(t), nn.Conv2d) for t in pointwise)
+    path = tmp_path / "cl.safetensors"
+    save_file({k: v.contiguous() for k, v in make_kohya_lora(index, targets, LoraSpec(rank=4)).items()}, str(path))
+    net = load_network(path, index)
+    fresh_sd1.model.diffusion_model.to(memory_format=torch.channels_last)
+    inputs = tiny_models.make_inputs(fresh_sd1, batch=2)
+    inputs["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
+    rows_used = []
+    real_rows = PointwiseConvBypass._rows
+    monkeypatch.setattr(PointwiseConvBypass, "_rows",
+                        staticmethod(lambda x: rows_used.append(real_rows(x) is not None) or real_rows(x)))
+    with Patcher(index) as patcher:
+        patcher.apply(net.plan(index, 0.8, 0.8), "merged")
+        want = tiny_models.run_unet(fresh_sd1, inputs)
+        patcher.restore()  # (bypass over merged weights would only add the difference: nothing)
+        patcher.apply(net.plan(index, 0.8, 0.8), "bypass")
+        got = tiny_models.run_unet(fresh_sd1, inputs)
+    assert any(rows_used), "no proj_in/proj_out input came channels-last: the test does not test the layout"
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-5, rel

@@ -146,36 +146,57 @@ class LinearBypass:
 
 class PointwiseConvBypass:
     """``h(x) = scale * up(down(x))`` of a low-rank delta on a 1x1 convolution (stride 1, no padding, one group:
-    SD1.5's ``proj_in``/``proj_out``): two batched matmuls over the pixels instead of two convolutions. A CPU
-    convolution reorders its weight on every call, which made these tiny convolutions the largest part of the
-    UNet's bypass cost (SD1.5, 8x8 latent: 2.5x to 4x slower than the matmuls)."""
+    SD1.5's ``proj_in``/``proj_out``): matmuls over the pixels instead of two convolutions. A CPU convolution
+    reorders its weight on every call, which made these tiny convolutions the largest part of the UNet's bypass
+    cost (SD1.5, 8x8 latent: 2.5x to 4x slower than the matmuls). Both memory layouts take matmuls: a contiguous
+    (NCHW) tensor is a batch of channel-by-pixel matrices, a channels-last one (what these layers get inside
+    A1111 on the CPU: the convolutions before them choose that layout) is a pixel-by-channel matrix, where the
+    layer is a Linear."""
 
     __slots__ = ("down", "up", "scale")
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
         self.down, self.up, self.scale = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor | None:
+    @staticmethod
+    def _flat(x: torch.Tensor) -> torch.Tensor | None:
+        """``[N, C, H*W]`` of a contiguous 4-D tensor, else None."""
         if x.dim() != 4 or not x.is_contiguous():
             return None
         return x.view(x.shape[0], x.shape[1], -1)
 
+    @staticmethod
+    def _rows(x: torch.Tensor) -> torch.Tensor | None:
+        """``[N*H*W, C]`` of a channels-last 4-D tensor, else None."""
+        if x.dim() != 4:
+            return None
+        nhwc = x.permute(0, 2, 3, 1)
+        return nhwc.view(-1, x.shape[1]) if nhwc.is_contiguous() else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = self._flat(x)
-        if flat is None:
-            return F.conv2d(F.conv2d(x, self.down[:, :, None, None]), self.up[:, :, None, None]) * self.scale
-        h = torch.matmul(self.up, torch.matmul(self.down, flat))
-        return (h * self.scale).view(x.shape[0], -1, *x.shape[2:])
+        if flat is not None:
+            h = torch.matmul(self.up, torch.matmul(self.down, flat))
+            return (h * self.scale).view(x.shape[0], -1, *x.shape[2:])
+        rows = self._rows(x)
+        if rows is not None:  # the result in the input's layout
+            h = F.linear(F.linear(rows, self.down), self.up) * self.scale
+            return h.view(x.shape[0], *x.shape[2:], -1).permute(0, 3, 1, 2)
+        return F.conv2d(F.conv2d(x, self.down[:, :, None, None]), self.up[:, :, None, None]) * self.scale
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
-        flat = self._flat(x)
-        if flat is None or out.dtype != x.dtype or not out.is_contiguous() or out.shape[0] != x.shape[0] \
-                or out.shape[2:] != x.shape[2:]:
-            out.add_(self(x), alpha=m)
-            return
-        n = x.shape[0]
-        h = torch.matmul(self.down, flat)
-        out.view(n, out.shape[1], -1).baddbmm_(self.up.expand(n, *self.up.shape), h, alpha=m * self.scale)
+        alpha = m * self.scale
+        if out.dtype == x.dtype and out.dim() == 4 and out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]:
+            flat, out_flat = self._flat(x), self._flat(out)
+            if flat is not None and out_flat is not None:
+                n = x.shape[0]
+                out_flat.baddbmm_(self.up.expand(n, *self.up.shape), torch.matmul(self.down, flat), alpha=alpha)
+                return
+            rows, out_rows = self._rows(x), self._rows(out)
+            if rows is not None and out_rows is not None:
+                out_rows.addmm_(F.linear(rows, self.down), self.up.t(), alpha=alpha)
+                return
+        out.add_(self(x), alpha=m)
 
 
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
