@@ -517,6 +517,8 @@ class Patcher:
             return
 
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not any(layer.hooked):  # over merged weights that already hold these multipliers, or all zero
+                return output
             x = args[0]
             fns: list[Bypass] = self._prepare(layer, x)
             if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
@@ -548,6 +550,8 @@ class Patcher:
         defaults = (None, None, None, None, True, None, True, False)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output):
+            if not any(layer.hooked):  # nothing to add: the layer's own output stands
+                return output
             call = dict(zip(names, defaults))
             call.update(zip(names, args))
             call.update(kwargs)

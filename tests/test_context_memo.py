@@ -75,6 +75,7 @@ def test_bypass_with_stored_outputs_matches_merged_weights(fresh_sd1, tmp_path):
     with Patcher(index) as patcher:
         patcher.apply(net.plan(index, 0.8, 0.8), "merged")
         want = _unet(fresh_sd1, inputs, inputs["context"])
+        patcher.restore()  # bypass over merged weights would only add the difference (nothing) to them
         patcher.apply(net.plan(index, 0.8, 0.8), "bypass")
         _unet(fresh_sd1, inputs, inputs["context"])
         got = _unet(fresh_sd1, inputs, inputs["context"].clone())  # from the stored outputs
