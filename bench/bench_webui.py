@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
     ap.add_argument("--builtin-cycles", type=int, default=20)
     ap.add_argument("--sweep-pairs", type=int, default=6, help="X/Y/Z weight sweeps, each paired with a plain one")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only figure d (one server per system): e.g. at a size where the UNet, not the fixed costs of "
+                         "a generation, dominates (--size 256 --steps 10)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
     ap.add_argument("--malloc", choices=("stable", "default"), default="stable",
                     help="allocator settings of the server that measures times (figures a-d); see STABLE_MALLOC")
@@ -216,7 +219,13 @@ def measure_time(server: WebUI, args: argparse.Namespace, system: str) -> dict:
             s[f"steady_{label}_short"].append(r.gen(prompt, tag=f"steady_{label}_short"))
             s[f"steady_{label}_long"].append(r.gen(prompt, args.long_steps, tag=f"steady_{label}_long"))
 
-    # d. X/Y/Z: six weights of one (already loaded) LoRA against six plain prompts
+    measure_sweep(r, args, system, s)
+    out["log"] = r.log
+    return out
+
+
+def measure_sweep(r: Runner, args: argparse.Namespace, system: str, s: dict) -> None:
+    """d. X/Y/Z: six weights of one (already loaded) LoRA against six plain prompts."""
     name = f"{system}_x"
     r.gen(f"{PROMPT} {lora(name, 1)}")
     weight_axis = "LoRA weight" if system == "ours" else "Prompt S/R"  # the built-in has no weight axis
@@ -226,6 +235,14 @@ def measure_time(server: WebUI, args: argparse.Namespace, system: str) -> dict:
         for kind in order:
             s[kind].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES) if kind == "sweep"
                            else r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
+
+
+def measure_sweep_only(server: WebUI, args: argparse.Namespace, system: str) -> dict:
+    r = Runner(server, args, system)
+    out: dict = {"samples": {}}
+    warm_up(r)
+    out["samples"]["plain"] = [r.gen(PROMPT, tag="plain") for _ in range(3)]
+    measure_sweep(r, args, system, out["samples"])
     out["log"] = r.log
     return out
 
@@ -278,6 +295,11 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
     s = system["samples"]
     t0 = med(s["plain"])
     log = system["log"]
+    sweep = {"sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
+             "sweep_ratio": med([a / b for a, b in zip(s["sweep"], s["sweep_plain"])])}
+    if "activation_1" not in s:  # --sweep-only
+        return {"plain_s": t0, **sweep}
+
     def per_step(label: str) -> float:  # each long generation against the short one just before it
         pairs = zip(s[f"steady_{label}_short"], s[f"steady_{label}_long"])
         return med([(long - short) / (args.long_steps - args.steps) for short, long in pairs])
@@ -288,8 +310,7 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
             "activation_5_extra_s": med(paired_extra(log, "activation_5")),
             "weight_change_extra_s": med(paired_extra(log, "weight_change")),
             "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
-            "sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
-            "sweep_ratio": med([a / b for a, b in zip(s["sweep"], s["sweep_plain"])])}
+            **sweep}
 
 
 def report(results: dict, files: dict, args: argparse.Namespace) -> str:
@@ -302,6 +323,8 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
              "|---|" + "---:|" * (len(systems) + (len(systems) == 2))]
 
     def row(label: str, key: str, fmt: str = "{:.3f}", ratio: bool = True) -> None:
+        if any(key not in d[k] for k in systems):  # not measured (--sweep-only)
+            return
         cells = [fmt.format(d[k][key]) for k in systems]
         if len(systems) == 2:
             cells.append(f"{d['ours'][key] / d['builtin'][key]:.3f}" if ratio and d["builtin"][key] else "")
@@ -317,6 +340,8 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("X/Y/Z 6 weights (s)", "sweep_s", "{:.2f}", ratio=False)
     row("X/Y/Z 6 plain (s)", "sweep_plain_s", "{:.2f}", ratio=False)
     row("X/Y/Z 6 weights / 6 plain", "sweep_ratio", ratio=False)
+    if any("rss_cycles" not in results[k] for k in systems):  # --sweep-only
+        return "\n".join(lines)
     f = next(iter(files.values()))
     budget = 1.5 * f["bytes"] + f["touched_bytes"]
     lines += ["", f"RSS (MiB; budget for activation = 1.5 x file + touched weights = {budget / 2**20:.0f}):", ""]
@@ -367,8 +392,11 @@ def main(argv=None) -> dict:
             for system in systems:
                 disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
                 t0 = time.time()
-                for part, env, run in (("time", STABLE_MALLOC if args.malloc == "stable" else {}, measure_time),
-                                       ("memory", {}, measure_memory)):
+                parts = (("time", STABLE_MALLOC if args.malloc == "stable" else {}, measure_time),
+                         ("memory", {}, measure_memory))
+                if args.sweep_only:
+                    parts = (("sweep", parts[0][1], measure_sweep_only),)
+                for part, env, run in parts:
                     server = WebUI(webui, ckpt, disabled, workdir, env=env)
                     try:
                         results.setdefault(system, {}).update(run(server, args, system))
