@@ -100,7 +100,8 @@ class Adapter(ABC):
         """The change of the weight at multiplier 1, in float32 on ``base``'s device, shaped like ``base``."""
 
     def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
-        """``out += multiplier * delta_weight(base)`` (``out`` float32, shaped like ``base``); algorithms may fuse it."""
+        """``out += multiplier * delta_weight(base)`` (``out`` float32 and contiguous, shaped like ``base``, whatever
+        the layer's memory layout); algorithms may fuse it."""
         out.add_(self.delta_weight(base, dyn) * multiplier)  # (alpha= refuses values beyond float32)
 
     def delta_bias(self, base_bias: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

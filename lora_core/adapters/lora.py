@@ -108,8 +108,7 @@ class LoraAdapter(Adapter):
     def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
         alpha = multiplier * self.scale
         if self.dora_scale is not None or self.bias is not None or self.mid is not None or \
-                not abs(alpha) <= torch.finfo(torch.float32).max or \
-                not out.is_contiguous():  # addmm_ refuses what float32 cannot hold; a view needs a matrix
+                not abs(alpha) <= torch.finfo(torch.float32).max:  # addmm_ refuses what float32 cannot hold
             return super().add_delta(out, base, multiplier, dyn)
         up, down, _ = self._factors(out.device, torch.float32, dyn)
         # one fused pass: out (out_dim x rest) += (m * scale) * up @ down
