@@ -150,9 +150,8 @@ class PointwiseConvBypass:
     SD1.5's ``proj_in``/``proj_out``): matmuls over the pixels instead of two convolutions. A CPU convolution
     reorders its weight on every call, which made these tiny convolutions the largest part of the UNet's bypass
     cost (SD1.5, 8x8 latent: 2.5x to 4x slower than the matmuls). Both memory layouts take matmuls: a contiguous
-    (NCHW) tensor is a batch of channel-by-pixel matrices, a channels-last one (what these layers get inside
-    A1111 on the CPU: the convolutions before them choose that layout) is a pixel-by-channel matrix, where the
-    layer is a Linear."""
+    (NCHW) tensor is a batch of channel-by-pixel matrices, a channels-last one (what proj_in gets inside A1111
+    on the CPU test bed, without --opt-channelslast) is a pixel-by-channel matrix, where the layer is a Linear."""
 
     __slots__ = ("down", "up", "scale")
 
