@@ -9,25 +9,35 @@ Per instance of the model (forward hooks on the touched modules, never a class-l
   with the same adapters it adds ``(m_i - M_i) h_i(x)`` (``M_i`` the merged multipliers), so a weight change
   after a merged generation costs no weight pass; bypass with every multiplier 0 restores the original weights
   instead.
-- ``merged``: ``W = W0 + sum_i m_i dW_i`` computed in float32 on the layer's device and cast back. Only the
-  touched weights are backed up; restore copies them back, so it is bit-exact; non-finite results are refused.
-  Layers stored in float8 (A1111's FP8 mode) use bypass even in merged mode.
+- ``merged``: ``W = W0 + sum_i m_i dW_i`` computed in float32 on the layer's device and cast back
+  (``merge.merged_values``). Only the touched weights are backed up, in host memory (``memory.keep``: the merged
+  mode holds nothing on an accelerator beyond one layer's float32 copy while it applies); restore copies them back
+  into the layer's tensor wherever it lives then, so it is bit-exact; non-finite results are refused. Layers
+  stored in float8 (A1111's FP8 mode) use bypass even in merged mode: a delta merged into float8 weights is
+  mostly rounded away.
+
+What bypass holds on a device (``bypass``: prepared factors and deltas, stored key/value outputs) is bounded by
+what that device can spare (``memory.MemoryPolicy``). Each hook computes in the device and dtype of the layer's
+output, which under ``--lowvram`` and A1111's casts may change from one call to the next.
 
 Applying the same plan twice does nothing (fingerprint). Any failure while applying restores the model to its
 original weights before the error propagates; ``with Patcher(index) as p:`` restores in ``finally``.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import Adapter, Bypass, LayerOp, numel
+from .adapters.base import Adapter, Bypass, LayerOp
+from .bypass import BypassBuilder, ContextMemo, PreparedCache
 from .errors import NonFiniteWeightError, UnsupportedLayerError
+from .memory import MemoryPolicy, keep, put_back
+from .merge import bias_of, merged_values, param_paths
 from .model_index import MHA_PARTS, ModelIndex, Target
 
 MODES = ("bypass", "merged")
@@ -81,135 +91,19 @@ class _Layer:
         return tuple(e.structure_key() for e in self.entries)
 
 
-def _param_paths(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    if isinstance(module, nn.MultiheadAttention):
-        return {"in_proj_weight": (module, "in_proj_weight"), "in_proj_bias": (module, "in_proj_bias"),
-                "out_proj.weight": (module.out_proj, "weight"), "out_proj.bias": (module.out_proj, "bias")}
-    return {"weight": (module, "weight"), "bias": (module, "bias")}
-
-
 def _is_fp8(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype in _FP8
-
-
-class PreparedCache:
-    """What bypass prepares per (adapter, dyn, device, dtype), kept across layer updates so that switching back
-    to a LoRA recomputes nothing: low-rank functions (factors cast to the device, tiny) and full-size deltas of
-    algorithms without a low-rank form, least recently used first out beyond ``budget`` bytes.
-
-    A value bigger than the budget is not kept; with ``hold=False`` it is not even computed (``get`` gives None),
-    so the caller can compute it per use instead of holding it.
-    """
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self._items: OrderedDict[tuple, tuple[Adapter, object, int]] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, adapter: Adapter, key: tuple, compute: Callable[[], tuple[object, int]], hold: bool = True,
-            estimate: int = 0):
-        full_key = (id(adapter), *key)
-        item = self._items.get(full_key)
-        if item is not None and item[0] is adapter:  # the adapter is referenced here, so its id is not reused
-            self._items.move_to_end(full_key)
-            self.hits += 1
-            return item[1]
-        self.misses += 1
-        if not hold and estimate > self.budget:
-            return None
-        value, nbytes = compute()
-        if nbytes <= self.budget:
-            self._items[full_key] = (adapter, value, nbytes)
-            self.bytes += nbytes
-            while self.bytes > self.budget:
-                _, (_, _, freed) = self._items.popitem(last=False)
-                self.bytes -= freed
-        elif not hold:
-            return None
-        return value
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-
-class ContextMemo:
-    """Bypass outputs ``h_i(c)`` of the cross-attention key/value layers per text conditioning ``c``.
-
-    Their input is the conditioning, which the sampler passes again (as a new tensor, same values) on every step,
-    so ``h_i(c)`` (independent of the multipliers) is computed on the first step and reused: at small images
-    these layers were a fifth of the UNet's bypass cost (SD1.5, 8x8 latent, rank 32). A conditioning is known by
-    its values: a private copy of the last ``slots`` ones is compared with ``torch.equal``, once per new tensor
-    (the layers of one step see the same object; its version counter catches a change in place). Stored outputs
-    are bounded by ``budget`` bytes; beyond it they are computed on each call by the same arithmetic, so an image
-    never depends on what was stored.
-    """
-
-    def __init__(self, budget: int = 256 << 20, slots: int = 4):
-        self.budget, self.slots = budget, slots
-        self._known: list[tuple[int, torch.Tensor]] = []  # (serial, copy of the values), newest last
-        self._last: tuple[torch.Tensor, int, int] | None = None  # (tensor seen last, its version, serial)
-        self._serial = 0
-        self._values: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer uid, serial) -> h_i per entry
-        self.bytes = 0
-        self.hits = 0
-
-    def _serial_of(self, x: torch.Tensor) -> int:
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
-            return last[2]
-        for serial, known in reversed(self._known):
-            if known.shape == x.shape and known.dtype == x.dtype and known.device == x.device \
-                    and torch.equal(known, x):
-                break
-        else:
-            self._serial += 1
-            serial = self._serial
-            self._known.append((serial, x.detach().clone()))
-            if len(self._known) > self.slots:
-                gone = self._known.pop(0)[0]
-                for key in [k for k in self._values if k[1] == gone]:
-                    self._drop(key)
-        self._last = (x, x._version, serial)
-        return serial
-
-    def _drop(self, key: tuple[int, int]) -> None:
-        self.bytes -= sum(h.numel() * h.element_size() for h in self._values.pop(key))
-
-    def outputs(self, uid: int, x: torch.Tensor, fns: Sequence[Callable]) -> list[torch.Tensor]:
-        """``[fn(x) for fn in fns]``, from the store when this layer has already seen these values."""
-        key = (uid, self._serial_of(x))
-        values = self._values.get(key)
-        if values is not None:
-            self.hits += 1
-            return values
-        values = [fn(x) for fn in fns]
-        nbytes = sum(h.numel() * h.element_size() for h in values)
-        if self.bytes + nbytes <= self.budget:
-            self._values[key] = values
-            self.bytes += nbytes
-        return values
-
-    def forget_layer(self, uid: int) -> None:
-        for key in [k for k in self._values if k[0] == uid]:
-            self._drop(key)
-
-    def clear(self) -> None:
-        self._known.clear()
-        self._values.clear()
-        self._last = None
-        self.bytes = 0
 
 
 class Patcher:
     """Applies plans of adapters to one model instance, and restores it exactly."""
 
-    def __init__(self, index: ModelIndex, cache_budget: int = 2 << 30):
+    def __init__(self, index: ModelIndex, cache_budget: int = 2 << 30, memory: MemoryPolicy | None = None):
         self.index = index
-        self.cache = PreparedCache(cache_budget)
-        self.context_memo = ContextMemo()
+        self.memory = memory or MemoryPolicy()
+        self.cache = PreparedCache(cache_budget, self.device_budget)
+        self.context_memo = ContextMemo(limit=self.device_budget)
+        self.bypass = BypassBuilder(index, self.cache, self._original)
         self._layers: dict[str, _Layer] = {}
         self._uids = 0
         self._fingerprint: tuple | None = None
@@ -222,6 +116,16 @@ class Patcher:
     @property
     def touched(self) -> list[str]:
         return sorted(self._layers)
+
+    def device_budget(self, device: torch.device) -> int:
+        """Bytes the caches may hold on ``device`` this generation: the configured budget, lowered to what the
+        device can spare (``MemoryPolicy``; what the caches hold there now counts as spare)."""
+        held = self.cache.bytes_on(device) + self.context_memo.bytes_on(device)
+        return self.memory.budget(device, self.cache.budget, held)
+
+    def new_generation(self) -> None:
+        """Free memory is read from the devices again at the next use."""
+        self.memory.new_generation()
 
     def layer_mode(self, name: str) -> str | None:
         layer = self._layers.get(name)
@@ -275,7 +179,7 @@ class Patcher:
         for layer in self._layers.values():
             if layer.hook is not None:
                 layer.hook.remove()
-            paths = _param_paths(layer.module)
+            paths = param_paths(layer.module)
             for path in layer.created:
                 owner, attr = paths[path]
                 setattr(owner, attr, None)
@@ -292,7 +196,7 @@ class Patcher:
     # ------------------------------------------------------------------ per layer
     def _layer_mode(self, module: nn.Module, mode: str) -> str:
         if mode == "merged" and any(_is_fp8(getattr(owner, attr, None))
-                                    for owner, attr in _param_paths(module).values()):
+                                    for owner, attr in param_paths(module).values()):
             return "bypass"
         return mode
 
@@ -346,10 +250,8 @@ class Patcher:
             layer.hook = None
         if layer.context:
             self.context_memo.forget_layer(layer.uid)
-        paths = _param_paths(layer.module)
-        for path, original in layer.backups.items():
-            owner, attr = paths[path]
-            getattr(owner, attr).copy_(original)
+        paths = param_paths(layer.module)
+        put_back((getattr(*paths[path]), original) for path, original in layer.backups.items())
         for path in layer.created:
             owner, attr = paths[path]
             setattr(owner, attr, None)
@@ -358,53 +260,10 @@ class Patcher:
         layer.baked = None
 
     # ------------------------------------------------------------------ merged
-    def _merged_values(self, layer: _Layer, device: torch.device) -> dict[str, torch.Tensor]:
-        """``W0 + sum_i m_i dW_i`` (and biases) per parameter path, float32 on ``device``.
-
-        Deltas are accumulated straight into one float32 copy of each parameter (``Adapter.add_delta``, a fused
-        ``addmm_`` for plain LoRA): merging is bound by memory passes over the touched weights.
-        """
-        module = layer.module
-        paths = _param_paths(module)
-        out: dict[str, torch.Tensor] = {}
-
-        def buffer(path: str, like: torch.Tensor | None = None) -> torch.Tensor:
-            if path not in out:
-                owner, attr = paths[path]
-                current = getattr(owner, attr)
-                if current is not None:  # contiguous whatever the layer's layout (--opt-channelslast): the
-                    # fused adds view it as a matrix; writing it back restores the layout
-                    out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True,
-                                                    memory_format=torch.contiguous_format)
-                else:  # a bias the layer does not have yet
-                    shape = (3 * module.embed_dim,) if path == "in_proj_bias" else like.shape
-                    out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
-            return out[path]
-
-        for entry, m in zip(layer.entries, layer.multipliers):
-            if m == 0:
-                continue
-            target = entry.target
-            base = self.index.weight(target).detach()
-            db = entry.adapter.delta_bias(self._bias_of(target), device)
-            if isinstance(module, nn.MultiheadAttention) and target.part != "out":
-                d = module.embed_dim
-                rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
-                weight_view = buffer("in_proj_weight")[rows]
-                bias_view = None if db is None else buffer("in_proj_bias")[rows]
-            else:
-                prefix = "out_proj." if isinstance(module, nn.MultiheadAttention) else ""
-                weight_view = buffer(prefix + "weight")
-                bias_view = None if db is None else buffer(prefix + "bias", db)
-            entry.adapter.add_delta(weight_view, base.to(device), m, entry.dyn)
-            if db is not None:
-                bias_view.add_(db, alpha=m)
-        return out
-
     def _original(self, target: Target, what: str) -> torch.Tensor | None:
         """The target's weight or bias as the model had it (the backup where the layer holds merged weights):
         deltas of algorithms that read the base weight (DoRA, OFT, IA3) are always of the original."""
-        current = self.index.weight(target) if what == "weight" else self._bias_of(target)
+        current = self.index.weight(target) if what == "weight" else bias_of(self.index, target)
         layer = self._layers.get(target.module)
         if layer is None or not layer.backups:
             return current
@@ -420,24 +279,12 @@ class Patcher:
             return whole[i * d:(i + 1) * d]
         return layer.backups.get(what, current)
 
-    def _bias_of(self, target: Target) -> torch.Tensor | None:
-        module = self.index.modules[target.module]
-        if isinstance(module, nn.MultiheadAttention):
-            if target.part == "out":
-                return module.out_proj.bias
-            if module.in_proj_bias is None:
-                return None
-            d = module.embed_dim
-            i = MHA_PARTS.index(target.part)
-            return module.in_proj_bias[i * d:(i + 1) * d]
-        return getattr(module, "bias", None)
-
     def _merge(self, layer: _Layer) -> None:
-        paths = _param_paths(layer.module)
+        paths = param_paths(layer.module)
         weight_path = "in_proj_weight" if isinstance(layer.module, nn.MultiheadAttention) else "weight"
         device = getattr(paths[weight_path][0], paths[weight_path][1]).device
         new_values: dict[str, torch.Tensor] = {}
-        for path, new in self._merged_values(layer, device).items():
+        for path, new in merged_values(self.index, layer.module, layer.entries, layer.multipliers, device).items():
             owner, attr = paths[path]
             current = getattr(owner, attr)
             dtype = getattr(owner, "weight").dtype if current is None else current.dtype
@@ -453,7 +300,7 @@ class Patcher:
                 setattr(owner, attr, nn.Parameter(value, requires_grad=False))
                 layer.created.append(path)
             else:
-                layer.backups[path] = current.detach().clone()
+                layer.backups[path] = keep(current)  # host memory, never the accelerator
                 current.copy_(value)
 
     # ------------------------------------------------------------------ bypass
@@ -464,49 +311,13 @@ class Patcher:
             return prepared
         with torch.no_grad():
             if isinstance(layer.module, nn.MultiheadAttention):
-                prepared = [(e.target.part, *self._dense(e, x.device, x.dtype, hold=True)) for e in layer.entries]
+                prepared = [(e.target.part, *self.bypass.dense(e, x.device, x.dtype, hold=True))
+                            for e in layer.entries]
             else:
                 op = LayerOp.of(layer.module)
-                prepared = [self._bypass_fn(e, op, x.device, x.dtype) for e in layer.entries]
+                prepared = [self.bypass.functions(e, op, x.device, x.dtype) for e in layer.entries]
         layer.prepared[key] = prepared
         return prepared
-
-    def _bypass_fn(self, entry: PlanEntry, op: LayerOp, device: torch.device, dtype: torch.dtype) -> Bypass:
-        """``h(x)`` of one entry: the low-rank form where the algorithm has one, else the full delta (held while
-        the cache budget allows it, computed on each call beyond it, so a forced bypass never runs out of memory)."""
-        adapter = entry.adapter
-        def low_rank():  # the factors, cast to the device and dtype, are what the function holds
-            fn = adapter.low_rank_bypass(op, device, dtype, entry.dyn)
-            size = torch.empty((), dtype=dtype).element_size()
-            return fn, 0 if fn is None else sum(t.numel() for t in adapter.tensors()) * size
-
-        fast = self.cache.get(adapter, ("low", entry.dyn, device, dtype), low_rank)
-        if fast is not None:
-            return fast
-        dense = self._dense(entry, device, dtype, hold=False)
-        if dense is not None:
-            dw, db = dense
-            return lambda x: op(x, dw, db)
-        return lambda x: op(x, *self._compute_dense(entry, device, dtype))
-
-    def _compute_dense(self, entry: PlanEntry, device: torch.device,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = self._original(entry.target, "weight").detach().to(device)
-        dw = entry.adapter.delta_weight(base.float(), entry.dyn).to(dtype)
-        bias = self._original(entry.target, "bias")
-        db = entry.adapter.delta_bias(None if bias is None else bias.detach().to(device), device)
-        return dw, None if db is None else db.to(dtype)
-
-    def _dense(self, entry: PlanEntry, device: torch.device, dtype: torch.dtype, hold: bool):
-        """The full delta (and bias delta) of an entry through the cache; None when it does not fit the budget
-        and ``hold`` is false (the caller then computes it when needed)."""
-        def compute():
-            dw, db = self._compute_dense(entry, device, dtype)
-            return (dw, db), dw.numel() * dw.element_size() + (0 if db is None else db.numel() * db.element_size())
-
-        estimate = numel(self.index.weight_shape(entry.target)) * torch.empty((), dtype=dtype).element_size()
-        return self.cache.get(entry.adapter, ("dense", entry.dyn, device, dtype), compute, hold=hold,
-                              estimate=estimate)
 
     def _hook(self, layer: _Layer) -> None:
         module = layer.module
@@ -520,6 +331,10 @@ class Patcher:
             if not any(layer.hooked):  # over merged weights that already hold these multipliers, or all zero
                 return output
             x = args[0]
+            if x.dtype != output.dtype or x.device != output.device:
+                # the layer computed in another dtype than its input (autocast, A1111's manual cast for FP8
+                # weights, an fp32 timestep embedding into fp16 weights): so does its delta
+                x = x.to(device=output.device, dtype=output.dtype)
             fns: list[Bypass] = self._prepare(layer, x)
             if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
                 for fn, m in zip(fns, layer.hooked):
@@ -557,11 +372,13 @@ class Patcher:
             call.update(kwargs)
             q, k, v = call["query"], call["key"], call["value"]
             prepared = self._prepare(layer, q)
-            # one copy each in the input's dtype (`.to` then `.clone` copied twice when the dtype differed)
-            in_w = mha.in_proj_weight.detach().to(q.dtype, copy=True)
-            in_b = None if mha.in_proj_bias is None else mha.in_proj_bias.detach().to(q.dtype, copy=True)
-            out_w = mha.out_proj.weight.detach().to(q.dtype, copy=True)
-            out_b = None if mha.out_proj.bias is None else mha.out_proj.bias.detach().to(q.dtype)
+            # one copy each in the input's dtype (`.to` then `.clone` copied twice when the dtype differed);
+            # FP8 storage keeps out_proj (a Linear) in float8: computed in the input's dtype like the layer
+            like = {"device": q.device, "dtype": q.dtype}
+            in_w = mha.in_proj_weight.detach().to(**like, copy=True)
+            in_b = None if mha.in_proj_bias is None else mha.in_proj_bias.detach().to(**like, copy=True)
+            out_w = mha.out_proj.weight.detach().to(**like, copy=True)
+            out_b = None if mha.out_proj.bias is None else mha.out_proj.bias.detach().to(**like)
             d = mha.embed_dim
             for (part, dw, db), m in zip(prepared, layer.hooked):
                 if m == 0:
@@ -585,6 +402,9 @@ class Patcher:
                 average_attn_weights=call["average_attn_weights"], is_causal=call["is_causal"])
             if mha.batch_first and batched:
                 attn = attn.transpose(0, 1)
+            first = output[0] if isinstance(output, tuple) else output
+            if isinstance(first, torch.Tensor) and first.dtype != attn.dtype:  # as the host cast the layer's
+                attn = attn.to(first.dtype)
             return attn, weights
 
         return hook

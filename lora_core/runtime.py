@@ -20,6 +20,8 @@ from torch import nn
 from .cost import Workload, device_costs, estimate
 from .errors import LoraError, LoraNotFoundError
 from .library import LoraEntry, LoraLibrary
+from .memory import compute_device, host_bytes_free
+from .merge import param_paths
 from .model_index import ModelIndex, Target
 from .network import Network, load_network
 from .patch import Patcher, PlanEntry
@@ -29,8 +31,10 @@ log = logging.getLogger("lora_core")
 
 APPLY_MODES = ("auto", "merged", "bypass")
 #: bytes of full-size bypass deltas (algorithms without a low-rank form) a generation may hold, also the size of
-#: the Patcher's cache of prepared deltas
+#: the Patcher's cache of prepared deltas; lowered per device to what it can spare (``memory.MemoryPolicy``)
 DEFAULT_BYPASS_BUDGET = 2 << 30
+#: host memory a merge leaves free after its backups (the WebUI, the next checkpoint load)
+HOST_RESERVE = 1 << 30
 LayerScale = Callable[[Target], float]
 #: builds the per-layer multiplier of a request (block weights); returns None (no scaling) or raises ValueError
 LayerScaleFactory = Callable[[LoraRequest, Network, ModelIndex], "LayerScale | None"]
@@ -54,6 +58,7 @@ class Activation:
     errors: list[str] = field(default_factory=list)
     hashes: dict[str, str] = field(default_factory=dict)
     mode: str = "none"
+    reason: str = ""  # why this mode (for the console)
     notes: list[str] = field(default_factory=list)  # keys a file has that were not used (for the console)
 
 
@@ -131,7 +136,8 @@ class LoraRuntime:
                 active.append(found)
         self._active = active
         self._hires = hires
-        mode = self._choose_mode(active, sweep, result, workload)
+        self.patcher.new_generation()
+        mode, result.reason = self._choose_mode(active, sweep, result, workload)
         self._apply(active, mode, 0, total_steps or 1, result)
         result.active = list(self._active)
         result.mode = self._applied_mode
@@ -205,8 +211,8 @@ class LoraRuntime:
         return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
     def _choose_mode(self, active: list[ActiveLora], sweep: bool, result: Activation,
-                     workload: Workload | None = None) -> str:
-        """``auto``: bypass until a set proves steady, then merged.
+                     workload: Workload | None = None) -> tuple[str, str]:
+        """The mode and why. ``auto``: bypass until a set proves steady, then merged.
 
         - weights that change within a run (schedules, start/stop, an X/Y/Z sweep): bypass, where a multiplier
           change is free;
@@ -216,32 +222,70 @@ class LoraRuntime:
         - the same files and weights as the previous generation: merged, so every later generation has no
           per-step cost;
         - the hires pass keeps the first pass's mode when its set is the same;
-        - bypass of algorithms without a low-rank form (LoHa, LoKr on convs, DoRA, IA3, OFT...) holds full-size
-          deltas: above ``bypass_budget`` bytes such a set is merged instead.
+        - memory: bypass of algorithms without a low-rank form (LoHa, LoKr on convs, DoRA, IA3, OFT...) holds
+          full-size deltas on the device that computes; beyond what it can spare (``Patcher.device_budget``) such
+          a set is merged instead. A merge keeps the originals of the touched weights in host memory: where the
+          host has not that much to spare, bypass it is (deltas beyond the budget are then computed per call).
         """
         if self.mode in ("merged", "bypass"):
-            return self.mode
+            return self.mode, "set in the settings"
         files = tuple((lora.entry.path, lora.request.dyn, lora.request.lbw, lora.request.lbwe) for lora in active)
         weights = tuple(lora.request.pass_weights(self._hires) for lora in active)
         key = (files, weights)
         if self._hires:
-            mode = self._applied_mode if key == self._last_set and self._applied_mode != "none" else "bypass"
+            same = key == self._last_set and self._applied_mode != "none"
+            mode = self._applied_mode if same else "bypass"
+            reason = "the first pass's mode" if same else "the hires pass has its own LoRAs or weights"
         else:
             previous, self._last_set = self._last_set, key
             steady = not sweep and all(lora.request.is_static() for lora in active)
             if steady and key == previous:
-                mode = "merged"
+                mode, reason = "merged", "the same LoRAs and weights as the last generation"
             elif steady and active and workload is not None and self._merging_is_cheaper(active, workload):
-                mode = "merged"
+                mode, reason = "merged", f"a merge costs less than bypass over {workload.calls} steps at this size"
             else:
                 mode = "bypass"
-        if mode == "bypass" and active:
+                reason = ("weights change within the generation" if not steady
+                          else "a new set of LoRAs or weights")
+        if not active:
+            return mode, reason
+        device = compute_device(self.index.root.parameters())
+        if mode == "bypass":
             dense = sum(lora.network.dense_bypass_bytes(self.index, lora.request.dyn) for lora in active)
-            if dense > self.bypass_budget:
+            budget = self.patcher.device_budget(device)
+            if dense > budget:
                 mode = "merged"
-                result.notes.append(f"bypass would hold {dense / 2**20:.0f} MiB of full-size deltas (budget "
-                                    f"{self.bypass_budget / 2**20:.0f} MiB): merged instead")
-        return mode
+                reason = (f"bypass would hold {dense / 2**20:.0f} MiB of full-size deltas, {device} can spare "
+                          f"{budget / 2**20:.0f} MiB")
+                result.notes.append(f"{reason}: merged instead")
+        if mode == "merged":
+            need = self._backup_bytes(active)
+            free = host_bytes_free()
+            if free is not None and need > free - HOST_RESERVE:
+                mode = "bypass"
+                reason = (f"merging would keep {need / 2**20:.0f} MiB of original weights in host memory, "
+                          f"{max(0, free - HOST_RESERVE) / 2**20:.0f} MiB are free")
+                result.notes.append(f"{reason}: bypass instead")
+        return mode, reason
+
+    def _backup_bytes(self, active: list[ActiveLora]) -> int:
+        """Host bytes a merge of this set would back up (float8 layers stay in bypass; so do text encoders in
+        ``auto``): at most the touched weights and biases, counted once per layer."""
+        te_bypass = self._te_mode() == "bypass"
+        seen: set[str] = set()
+        total = 0
+        for lora in active:
+            for target in lora.network.adapters:
+                if target.module in seen or target.module not in self.index.modules:
+                    continue
+                seen.add(target.module)
+                if te_bypass and self.index.is_text_encoder(target):
+                    continue
+                for owner, attr in param_paths(self.index.modules[target.module]).values():
+                    t = getattr(owner, attr, None)
+                    if t is not None and t.element_size() > 1:
+                        total += t.numel() * t.element_size()
+        return total
 
     def _merging_is_cheaper(self, active: list[ActiveLora], workload: Workload) -> bool:
         costs = [c for lora in active for c in lora.network.unet_costs(self.index, lora.request.dyn)]

@@ -229,13 +229,12 @@ def test_full_size_bypass_deltas_beyond_the_budget_are_merged_instead(world, tmp
     assert dense == sum(index.weight(t).numel() * 4 for t in targets)  # LoHa has no low-rank form
     assert network.dense_bypass_bytes(runtime.index) == dense
     runtime.restore()
-    runtime.bypass_budget = dense - 1
+    runtime.set_bypass_budget(dense - 1)
     runtime._last_set = None
     result = runtime.activate([["hada", "0.5"]])
     assert result.mode == "merged" and any("MiB of full-size deltas" in n for n in result.notes)
     merged = unet_out(root, inputs)
-    runtime.bypass_budget = dense
-    runtime.patcher.cache.budget = dense
+    runtime.set_bypass_budget(dense)
     assert runtime.activate([["hada", "0.7"]]).mode == "bypass"
     # forced bypass beyond the cache budget: the deltas are computed per call, not held, with the same result
     runtime.mode = "bypass"

@@ -1,0 +1,79 @@
+"""Merged values: ``W0 + sum_i m_i dW_i`` (and biases) of one layer, computed before anything is written."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from .model_index import MHA_PARTS, ModelIndex
+
+if TYPE_CHECKING:
+    from .patch import PlanEntry
+
+
+def param_paths(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The parameters a plan may change, by path: (owner module, attribute)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return {"in_proj_weight": (module, "in_proj_weight"), "in_proj_bias": (module, "in_proj_bias"),
+                "out_proj.weight": (module.out_proj, "weight"), "out_proj.bias": (module.out_proj, "bias")}
+    return {"weight": (module, "weight"), "bias": (module, "bias")}
+
+
+def bias_of(index: ModelIndex, target) -> torch.Tensor | None:
+    """The bias a target's delta adds to (a slice of ``in_proj_bias`` for q/k/v)."""
+    module = index.modules[target.module]
+    if isinstance(module, nn.MultiheadAttention):
+        if target.part == "out":
+            return module.out_proj.bias
+        if module.in_proj_bias is None:
+            return None
+        d = module.embed_dim
+        i = MHA_PARTS.index(target.part)
+        return module.in_proj_bias[i * d:(i + 1) * d]
+    return getattr(module, "bias", None)
+
+
+def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanEntry"],
+                  multipliers: Sequence[float], device: torch.device) -> dict[str, torch.Tensor]:
+    """``W0 + sum_i m_i dW_i`` (and biases) per parameter path, float32 on ``device``.
+
+    Deltas are accumulated straight into one float32 copy of each parameter (``Adapter.add_delta``, a fused
+    ``addmm_`` for plain LoRA): merging is bound by memory passes over the touched weights. The weights read are
+    the layer's current ones, which the caller has restored to the originals.
+    """
+    paths = param_paths(module)
+    out: dict[str, torch.Tensor] = {}
+
+    def buffer(path: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        if path not in out:
+            owner, attr = paths[path]
+            current = getattr(owner, attr)
+            if current is not None:  # contiguous whatever the layer's layout (--opt-channelslast): the
+                # fused adds view it as a matrix; writing it back restores the layout
+                out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True,
+                                                memory_format=torch.contiguous_format)
+            else:  # a bias the layer does not have yet
+                shape = (3 * module.embed_dim,) if path == "in_proj_bias" else like.shape
+                out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return out[path]
+
+    for entry, m in zip(entries, multipliers):
+        if m == 0:
+            continue
+        target = entry.target
+        base = index.weight(target).detach()
+        db = entry.adapter.delta_bias(bias_of(index, target), device)
+        if isinstance(module, nn.MultiheadAttention) and target.part != "out":
+            d = module.embed_dim
+            rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
+            weight_view = buffer("in_proj_weight")[rows]
+            bias_view = None if db is None else buffer("in_proj_bias")[rows]
+        else:
+            prefix = "out_proj." if isinstance(module, nn.MultiheadAttention) else ""
+            weight_view = buffer(prefix + "weight")
+            bias_view = None if db is None else buffer(prefix + "bias", db)
+        entry.adapter.add_delta(weight_view, base.to(device), m, entry.dyn)
+        if db is not None:
+            bias_view.add_(db.to(device), alpha=m)
+    return out
