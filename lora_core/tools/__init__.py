@@ -3,7 +3,7 @@ WebUI tab. Every tool streams checkpoints tensor by tensor, writes to a temporar
 replace a file unless asked, writes ``sshs_model_hash``/``sshs_legacy_hash``, and takes a ``progress`` callback.
 """
 from .checkpoint import CheckpointIndex, CheckpointReader, StreamingWriter
-from .common import FamiliesDifferError, LoraItem, Progress, ToolError, parse_item
+from .common import FamiliesDifferError, LoraItem, Progress, ToolError, UsageError, parse_item
 from .difference import DifferenceResult, add_difference
 from .extract import ExtractResult, extract
 from .inspect_cli import format_report, inspect_lora, render_block_chart
@@ -15,6 +15,6 @@ from .resize import ResizeResult, resize
 __all__ = [
     "CheckpointIndex", "CheckpointReader", "DifferenceResult", "ExtractResult", "FamiliesDifferError", "LoraItem",
     "MergeIntoResult", "MergeLorasResult", "Progress", "ResizeResult", "Saved", "StreamingWriter", "ToolError",
-    "add_difference", "extract", "format_report", "inspect_lora", "merge_into", "merge_loras", "parse_item",
-    "render_block_chart", "resize",
+    "UsageError", "add_difference", "extract", "format_report", "inspect_lora", "merge_into", "merge_loras",
+    "parse_item", "render_block_chart", "resize",
 ]

@@ -32,10 +32,11 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +46,10 @@ from ..errors import LoraFileError
 # io's validated header parser, finite check and no-clobber rename: one implementation of each
 from ..io import (SAFETENSORS_SUFFIX, _check_finite, _move_into_place, _parse_header, _torch_dtype, open_lora,
                   temp_file)
-from ..model_index import MHA_PARTS, ModelIndex, Target
+from ..keymap import parse_key
+from ..model_index import FAMILIES, MHA_PARTS, ModelIndex, Target
+from .checks import check_output, require_result_finite
+from .common import require_file
 
 COMPONENT_ROOTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 LEGACY_HASH_OFFSET = 0x100000
@@ -165,7 +169,7 @@ class CheckpointReader:
     """A checkpoint opened to read one tensor at a time (see the module docstring). A context manager."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = require_file(path, "checkpoint")
         self._file: BinaryIO | None = None
         self._pickle = None
         self._index: CheckpointIndex | None = None
@@ -203,6 +207,21 @@ class CheckpointReader:
     @property
     def family(self) -> str:
         return self.index.family
+
+    def require_model(self, role: str) -> str:
+        """The family of this file, when it is an SD1, SD2 or SDXL checkpoint; else a LoraFileError naming the file
+        and what it is instead. ``role`` says what the tool wanted it for ('the base', 'B of add-difference')."""
+        if self.family in FAMILIES:
+            return self.family
+        keys = self.keys()
+        if not keys:
+            raise LoraFileError(self.path, f"holds no tensors; {role} must be an SD1, SD2 or SDXL checkpoint")
+        lora_key = next((key for key in keys if parse_key(key) is not None), None)
+        if lora_key is not None:
+            raise LoraFileError(self.path, f"is a LoRA (e.g. '{lora_key}'), not a checkpoint; {role} must be "
+                                           "an SD1, SD2 or SDXL checkpoint")
+        raise LoraFileError(self.path, f"is not an SD1, SD2 or SDXL checkpoint: none of its {len(keys)} keys is a "
+                                       f"UNet or text-encoder weight (e.g. '{keys[0]}'); {role} must be one")
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` on the CPU (its own memory), checked to be finite."""
@@ -330,18 +349,6 @@ def with_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     return {**metadata, MODEL_HASH_KEY: model_hash, LEGACY_HASH_KEY: legacy_hash}
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse early (before any work) an output that is not .safetensors, or exists and may not be replaced."""
-    path = Path(path)
-    if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        raise LoraFileError(path, "the output must be a .safetensors file")
-    if path.is_dir():
-        raise LoraFileError(path, "is a directory")
-    if path.exists() and not overwrite:
-        raise LoraFileError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
-    return path
-
-
 class StreamingWriter:
     """Writes one .safetensors file from tensors given one at a time, in :attr:`order` (module docstring)."""
 
@@ -359,11 +366,16 @@ class StreamingWriter:
         self._header = header_bytes(self.specs, self.order, metadata)
         self._hashes = _Hashes(legacy_header)
         self._next = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = temp_file(self.path.parent, f".{self.path.stem}.", ".tmp")
+        with self._writing():
+            fd, name = temp_file(self.path.parent, f".{self.path.stem}.", ".tmp")
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
-        self._file.write(self._header)
+        try:
+            with self._writing():
+                self._file.write(self._header)
+        except LoraFileError:
+            self.abort()
+            raise
 
     @property
     def remaining(self) -> list[str]:
@@ -377,29 +389,39 @@ class StreamingWriter:
         dtype, shape = self.specs[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"'{key}': announced {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
-        _check_finite(self.path, key, tensor)
+        require_result_finite(key, tensor)
         data = _tensor_bytes(tensor)
-        self._file.write(data)
+        with self._writing():
+            self._file.write(data)
         self._hashes.update(data)
         self._next += 1
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError of the file system (disk full...) names the output, not the temporary file."""
+        try:
+            yield
+        except OSError as error:
+            raise LoraFileError(self.path, f"could not be written ({error.strerror or error})") from None
 
     def finish(self) -> tuple[str, str]:
         """Fill in the hashes, fsync and rename into place; returns (sshs_model_hash, sshs_legacy_hash)."""
         if self.remaining:
             raise ValueError(f"{len(self.remaining)} tensors were not written (e.g. '{self.remaining[0]}')")
         model_hash, legacy_hash = self._hashes.result()
-        for key, value in ((MODEL_HASH_KEY, model_hash), (LEGACY_HASH_KEY, legacy_hash)):
-            marker = json.dumps(key).encode() + b':"'
-            position = self._header.index(marker) + len(marker)
-            self._file.seek(position)
-            self._file.write(value.encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        try:
-            _move_into_place(self._tmp, self.path, self.overwrite)
-        finally:
-            self._tmp.unlink(missing_ok=True)
+        with self._writing():
+            for key, value in ((MODEL_HASH_KEY, model_hash), (LEGACY_HASH_KEY, legacy_hash)):
+                marker = json.dumps(key).encode() + b':"'
+                position = self._header.index(marker) + len(marker)
+                self._file.seek(position)
+                self._file.write(value.encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            try:
+                _move_into_place(self._tmp, self.path, self.overwrite)
+            finally:
+                self._tmp.unlink(missing_ok=True)
         return model_hash, legacy_hash
 
     def abort(self) -> None:

@@ -1,6 +1,7 @@
 """What every tool shares: precisions, progress, ``name:ratio[:blocks]`` items, block tables, typed refusals."""
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..blocks import BlockWeights, PresetBook, resolve_weights
-from ..errors import FamilyMismatchError, LoraError, LoraFileError
+from ..errors import FamilyMismatchError, LoraError, LoraFileError, LoraNotFoundError
 from ..io import LORA_SUFFIXES
 
 Progress = Callable[[int, int, str], None]
@@ -24,6 +25,11 @@ COMPUTE_PRECISIONS = ("fp32", "fp64", "fp16", "bf16")
 
 class ToolError(LoraError):
     """A tool was asked for something it cannot do (bad option, nothing to merge...); the message says why."""
+
+
+class UsageError(ToolError, ValueError):
+    """An argument is out of range or contradicts another (the output is an input, a NaN ratio...); raised before
+    any computation, with nothing written. The CLI exits with status 2 for it, 1 for the other errors."""
 
 
 class FamiliesDifferError(FamilyMismatchError):
@@ -42,7 +48,7 @@ def dtype_of(precision: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return PRECISIONS[precision.lower()]
     except KeyError:
-        raise ToolError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})") from None
+        raise UsageError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})") from None
 
 
 def same_family(files: Sequence[tuple[object, str | None]]) -> str | None:
@@ -98,7 +104,14 @@ def parse_item(text: str, lora_dirs: Sequence[str | os.PathLike] = ()) -> LoraIt
         before, sep2, ratio_text = rest.rpartition(":")
         if sep2 and _number(ratio_text) is not None:
             head, ratio, blocks = before, float(ratio_text), last.strip() or None
-    return LoraItem(find_lora(head.strip(), lora_dirs), ratio, blocks)
+    return checked_item(LoraItem(find_lora(head.strip(), lora_dirs), ratio, blocks))
+
+
+def checked_item(item: LoraItem) -> LoraItem:
+    """``item`` when its ratio is a finite number; UsageError otherwise (a NaN ratio would merge into NaN)."""
+    if not math.isfinite(item.ratio):
+        raise UsageError(f"{item.path}: the ratio must be a finite number, not {item.ratio}")
+    return item
 
 
 def find_lora(name: str, lora_dirs: Sequence[str | os.PathLike] = ()) -> Path:
@@ -106,20 +119,42 @@ def find_lora(name: str, lora_dirs: Sequence[str | os.PathLike] = ()) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise LoraFileError(path, "is a directory, not a LoRA file")
+    for folder in lora_dirs:
+        if not Path(folder).is_dir():
+            raise LoraFileError(folder, "the LoRA folder (--lora-dir) " + ("is not a folder" if Path(folder).exists()
+                                                                           else "does not exist"))
     if lora_dirs and path.suffix.lower() not in LORA_SUFFIXES and len(path.parts) == 1:
         from ..library import LoraLibrary
 
         library = LoraLibrary(lora_dirs)
         library.refresh()
-        return library.resolve(name).path
+        try:
+            return library.resolve(name).path
+        except LoraNotFoundError as error:  # say where it was looked for
+            raise LoraNotFoundError(name, error.close_matches,
+                                    reason=f"no file '{name}', nor a LoRA of that name in "
+                                           f"{', '.join(map(str, lora_dirs))} (names are file names without "
+                                           "extension, or aliases)") from None
     raise LoraFileError(path, "file not found" + (" (nor a LoRA of that name in "
                                                   f"{', '.join(map(str, lora_dirs))})" if lora_dirs else ""))
+
+
+def require_file(path: str | os.PathLike, kind: str) -> Path:
+    """``path`` when it names a file; a LoraFileError saying it is a directory or missing (``kind``: 'LoRA')."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(path, f"is a directory, not a {kind} file")
+    if not path.exists():
+        raise LoraFileError(path, "file not found")
+    return path
 
 
 def as_item(item: LoraItem | str | os.PathLike, lora_dirs: Sequence[str | os.PathLike] = ()) -> LoraItem:
     """A LoraItem as it is; a path: that file at ratio 1; a text: :func:`parse_item`."""
     if isinstance(item, LoraItem):
-        return item
+        return checked_item(item)
     if isinstance(item, os.PathLike):
         return LoraItem(find_lora(os.fspath(item)))
     return parse_item(item, lora_dirs)
@@ -133,5 +168,8 @@ def block_table(blocks: str | None, family: str, presets: PresetBook | None = No
     """
     if not blocks:
         return None
-    weights = BlockWeights(presets).weights_of(blocks)
-    return resolve_weights(weights, family, 1.0, random.Random(seed))
+    try:
+        weights = BlockWeights(presets).weights_of(blocks)
+        return resolve_weights(weights, family, 1.0, random.Random(seed))
+    except ValueError as error:  # an unknown preset, a list of the wrong length: the argument is wrong
+        raise UsageError(str(error)) from None

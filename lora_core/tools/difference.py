@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..blocks import PresetBook
-from .checkpoint import CheckpointReader, StreamingWriter, all_specs, check_output, save_dtype_for
-from .common import Progress, ToolError, block_table, dtype_of, same_family, step
+from ..errors import LoraFileError
+from .checkpoint import CheckpointReader, StreamingWriter, all_specs, save_dtype_for
+from .checks import check_output, require_device, require_finite
+from .common import Progress, block_table, dtype_of, same_family, step
 from .output import Saved
 
 
@@ -32,6 +34,20 @@ def _multiplier(reader: CheckpointReader, key: str, multiplier: float, table: Ma
     return table.get(reader.index.block_of_key(key), multiplier)
 
 
+def _differs(key: str, a: CheckpointReader, other: CheckpointReader) -> bool:
+    return key not in other or other.shape(key) != a.shape(key)
+
+
+def _require_shared_tensors(a: CheckpointReader, b: CheckpointReader, c: CheckpointReader) -> None:
+    """B and C share some floating tensor with A (else the result would be a copy of A): a LoraFileError naming
+    the file that shares none."""
+    floating = [key for key in a.keys() if a.dtype(key).is_floating_point]
+    for reader, role in ((b, "B"), (c, "C")):
+        if floating and all(_differs(key, a, reader) for key in floating):
+            raise LoraFileError(reader.path, f"({role}) shares no tensor (same name and shape) with A ({a.path}): "
+                                             "the result would be a copy of A")
+
+
 def add_difference(a: str | os.PathLike, b: str | os.PathLike, c: str | os.PathLike, output: str | os.PathLike, *,
                    multiplier: float = 1.0, blocks: str | None = None, presets: PresetBook | None = None,
                    save_precision: str = "fp16", compute_precision: str = "fp32", device: str = "cpu",
@@ -41,13 +57,16 @@ def add_difference(a: str | os.PathLike, b: str | os.PathLike, c: str | os.PathL
 
     Raises LoraFileError, FamilyMismatchError (checkpoints of different families), ToolError, ValueError.
     """
-    output = check_output(output, overwrite)
+    require_finite(multiplier, "the multiplier (--multiplier)")
     save_dtype, compute = dtype_of(save_precision), dtype_of(compute_precision)
+    require_device(device)
+    output = check_output(output, overwrite, [a, b, c])
     with CheckpointReader(a) as ra, CheckpointReader(b) as rb, CheckpointReader(c) as rc:
+        for reader, role in ((ra, "A"), (rb, "B"), (rc, "C")):
+            reader.require_model(f"{role} of add-difference")
         family = same_family([(r.path, r.family) for r in (ra, rb, rc)])
-        if blocks and family is None:
-            raise ToolError("block weights need SD1, SD2 or SDXL checkpoints")
         table = block_table(blocks, family, presets) if blocks else None
+        _require_shared_tensors(ra, rb, rc)
         specs = all_specs(ra, save_dtype_for(save_dtype))
         from_a: list[str] = []
         meta = {k: v for k, v in ra.metadata.items() if not k.startswith(("sshs_", "modelspec."))}
@@ -56,7 +75,7 @@ def add_difference(a: str | os.PathLike, b: str | os.PathLike, c: str | os.PathL
             for done, key in enumerate(writer.order, 1):
                 tensor = ra.get(key)
                 if tensor.is_floating_point():
-                    if all(key in r and r.shape(key) == tuple(tensor.shape) for r in (rb, rc)):
+                    if not (_differs(key, ra, rb) or _differs(key, ra, rc)):
                         m = _multiplier(ra, key, multiplier, table)
                         base = tensor.to(device, compute)
                         tensor = (base + m * (rb.get(key).to(device, compute) - rc.get(key).to(device, compute))).cpu()

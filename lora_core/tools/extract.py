@@ -19,13 +19,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..keymap import resolve_module
-from ..model_index import FAMILIES, Target
-from .checkpoint import CheckpointIndex, CheckpointReader, check_output
+from ..model_index import Target
+from .checkpoint import CheckpointIndex, CheckpointReader
+from .checks import check_output, require_clamp, require_device, require_finite, require_rank, require_ranks_fit
 from .common import Progress, ToolError, dtype_of, same_family, step
 from .names import UNET, canonical_module
 from .output import Saved, modelspec, network_metadata, save_lora
@@ -76,6 +78,13 @@ def _unet_names(index: CheckpointIndex, conv: bool) -> dict[Target, str]:
     return names
 
 
+def _target_shape(index: CheckpointIndex, target: Target) -> tuple[int, ...]:
+    """The weight shape of one target (its rows of ``in_proj_weight`` for q/k/v)."""
+    where = index.weight_key(target)
+    shape = index.shapes[where.key]
+    return shape if where.rows is None else (where.rows.stop - where.rows.start, *shape[1:])
+
+
 def extract_targets(index: CheckpointIndex, conv: bool) -> dict[Target, str]:
     """Target -> the module name the extracted LoRA gives it (text encoders first, as sd-scripts orders them)."""
     names = {**_te_names(index), **_unet_names(index, conv)}
@@ -83,6 +92,16 @@ def extract_targets(index: CheckpointIndex, conv: bool) -> dict[Target, str]:
         if resolve_module(name, index) != target:
             raise AssertionError(f"extract: {name} does not map back to {target}")
     return names
+
+
+def _require_same_layout(base: CheckpointReader, tuned: CheckpointReader, targets: Iterable[Target]) -> None:
+    """Every weight to extract has one shape in both checkpoints (not, e.g., a model and its inpainting twin)."""
+    for target in targets:
+        key = base.index.weight_key(target).key
+        if key not in tuned or tuned.shape(key) != base.shape(key):
+            found = f"has shape {tuned.shape(key)}" if key in tuned else "is missing"
+            raise ToolError(f"{tuned.path}: not a fine-tune of the base {base.path}: its '{key}' {found}, the "
+                            f"base's is {base.shape(key)}")
 
 
 class _Differences:
@@ -95,10 +114,6 @@ class _Differences:
     def __call__(self, target: Target) -> torch.Tensor:
         where = self.base.index.weight_key(target)
         if self._cached is None or self._cached[0] != where.key:
-            if where.key not in self.tuned or self.tuned.shape(where.key) != self.base.shape(where.key):
-                raise ToolError(f"{where.key}: the checkpoints differ in layout ({self.base.path.name} has "
-                                f"{self.base.shape(where.key)}, {self.tuned.path.name} "
-                                f"{self.tuned.shape(where.key) if where.key in self.tuned else 'nothing'})")
             self._cached = (where.key, self.tuned.get(where.key).float() - self.base.get(where.key).float())
         return where.of(self._cached[1])
 
@@ -113,15 +128,21 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     ``v_parameterization`` only sets metadata (default: True for SD2, as sd-scripts). Raises LoraFileError,
     FamilyMismatchError (checkpoints of different families), ToolError.
     """
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ToolError("ranks must be at least 1")
-    output = check_output(output, overwrite)
+    require_rank(rank, "the rank (--rank)")
+    require_rank(conv_rank, "the conv rank (--conv-rank)")
+    require_clamp(clamp_quantile)
+    require_finite(min_diff, "the text encoders' minimum difference (--min-diff)", minimum=0)
+    save_dtype = dtype_of(save_precision)
+    require_device(device)
+    output = check_output(output, overwrite, [base, tuned])
     with CheckpointReader(base) as base_reader, CheckpointReader(tuned) as tuned_reader:
+        base_reader.require_model("the base")
+        tuned_reader.require_model("the tuned model")
         family = same_family([(base_reader.path, base_reader.family), (tuned_reader.path, tuned_reader.family)])
-        if family not in FAMILIES:
-            raise ToolError(f"{base}: not an SD1, SD2 or SDXL checkpoint (no UNet or text encoder keys)")
         index = base_reader.index
         targets = extract_targets(index, conv_rank is not None)
+        require_ranks_fit(rank, conv_rank, [_target_shape(index, t) for t in targets], str(base_reader.path))
+        _require_same_layout(base_reader, tuned_reader, targets)
         difference = _Differences(base_reader, tuned_reader)
         te_targets = [t for t in targets if index.is_text_encoder(t)]
         te_max = max((float(difference(t).abs().max()) for t in te_targets), default=0.0)
@@ -146,5 +167,5 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     metadata = network_metadata(family, str(rank), str(float(rank)), network_args, v)
     if include_modelspec:
         metadata.update(modelspec(family, title or Path(output).stem, v_parameterization=v))
-    saved = save_lora(tensors, output, metadata, save_dtype=dtype_of(save_precision), overwrite=overwrite)
+    saved = save_lora(tensors, output, metadata, save_dtype=save_dtype, overwrite=overwrite)
     return ExtractResult(saved, family, include_te, te_max, retained)

@@ -8,19 +8,21 @@ the file is mapped exactly as the runtime maps it and every algorithm counts (``
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from ..blocks import OTHER, block_ids, block_of
-from ..errors import FamilyMismatchError, UnsupportedLayerError
+from ..errors import FamilyMismatchError, LoraFileError, UnsupportedLayerError
 from ..io import SAFETENSORS_SUFFIX, model_hash
 from ..network import load_network
 from .checkpoint import LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, CheckpointReader
-from .common import FamiliesDifferError
+from .checks import require_writable_folder, same_file
+from .common import FamiliesDifferError, ToolError, UsageError
 from .lora_file import read_lora
 from .names import block_of_name
 
@@ -52,6 +54,7 @@ def _norms_from_file(contents) -> tuple[dict[str, float], list[str]]:
 
 def _norms_on_model(path: Path, model: str | os.PathLike) -> dict[str, float]:
     with CheckpointReader(model) as reader:
+        reader.require_model("the model (--model)")
         index = reader.index
         try:
             network = load_network(path, index)
@@ -73,8 +76,9 @@ def _module_row(module) -> dict[str, Any]:
 
 
 def inspect_lora(path: str | os.PathLike, model: str | os.PathLike | None = None) -> dict[str, Any]:
-    """A plain-data description of a LoRA file (see the module docstring). Raises LoraFileError,
-    FamilyMismatchError (with ``model`` of another family)."""
+    """A plain-data description of a LoRA file (see the module docstring). Raises LoraFileError (also for a
+    checkpoint or any file with no LoRA module, saying what it is), FamilyMismatchError (with ``model`` of another
+    family)."""
     path = Path(path)
     contents = read_lora(path)
     modules = [_module_row(m) for m in contents.modules.values()]
@@ -102,7 +106,8 @@ def inspect_lora(path: str | os.PathLike, model: str | os.PathLike | None = None
 
 def format_report(info: Mapping[str, Any]) -> str:
     """A human-readable summary of :func:`inspect_lora`'s result."""
-    lines = [f"file:       {info['path']}", f"family:     {info['family'] or 'unknown'}",
+    family = info["family"] or "unknown (neither its metadata nor its key names say SD1, SD2 or SDXL)"
+    lines = [f"file:       {info['path']}", f"family:     {family}",
              f"algorithms: {info['algorithms']}", f"ranks:      {info['ranks']}", f"alphas:     {info['alphas']}",
              f"modules:    {len(info['modules'])}"]
     hashes = info["hashes"]
@@ -123,6 +128,23 @@ def format_report(info: Mapping[str, Any]) -> str:
     for module in info["modules"]:
         lines.append(f"  {module['name']:80} {module['algorithm']:6} rank {module['rank']} alpha {module['alpha']}")
     return "\n".join(lines)
+
+
+def check_chart_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse, before any work, a chart path that is not .png, is one of ``inputs``, or cannot be written; and
+    a missing Pillow."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"{path}: the chart is a PNG file; give a name ending in .png")
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise UsageError(f"{path}: the chart would replace an input ({source})")
+    if path.is_dir():
+        raise LoraFileError(path, "is a directory")
+    require_writable_folder(path.parent)
+    if importlib.util.find_spec("PIL") is None:
+        raise ToolError("drawing the chart needs Pillow (pip install pillow)")
+    return path
 
 
 def render_block_chart(norms: Mapping[str, float], path: str | os.PathLike, title: str = "") -> Path:

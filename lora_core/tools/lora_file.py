@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -17,9 +18,11 @@ from ..adapters import ADAPTERS, Adapter, LayerOp, TargetInfo, build_adapter
 from ..adapters.loha import LohaAdapter
 from ..adapters.lokr import LokrAdapter
 from ..adapters.base import scalar
-from ..errors import UnsupportedLayerError
+from ..errors import LoraFileError, UnsupportedLayerError
 from ..io import open_lora
 from ..keymap import detect_file_family, parse_key
+from .checkpoint import COMPONENT_ROOTS
+from .common import require_file
 from .names import canonical_module
 
 
@@ -107,11 +110,36 @@ class LoraContents:
     other: dict[str, torch.Tensor] = field(default_factory=dict)  # keys of no module (embeddings, unknown)
 
 
+def not_a_lora(keys: Sequence[str]) -> str | None:
+    """Why a file of these keys is not a LoRA (a checkpoint, no key a LoRA module's), or None when it is one."""
+    if any(parse_key(key) is not None for key in keys):
+        return None
+    if not keys:
+        return "holds no tensors, so it is not a LoRA"
+    weight = next((key for key in keys if key.startswith(COMPONENT_ROOTS)), None)
+    if weight is not None:
+        return f"is a checkpoint (model weights such as '{weight}'), not a LoRA"
+    return (f"is not a LoRA: none of its {len(keys)} keys is a LoRA or LyCORIS module key in a spelling this tool "
+            f"reads (kohya, LyCORIS, diffusers, PEFT), e.g. '{keys[0]}'")
+
+
+def require_lora(path: str | os.PathLike) -> None:
+    """Refuse (LoraFileError naming it) a file that is not a LoRA; only the key names are read."""
+    with open_lora(require_file(path, "LoRA")) as f:
+        problem = not_a_lora(f.keys())
+    if problem is not None:
+        raise LoraFileError(path, problem)
+
+
 def read_lora(path: str | os.PathLike) -> LoraContents:
-    """Every module of a LoRA file, by canonical name (see the module docstring)."""
-    path = Path(path)
+    """Every module of a LoRA file, by canonical name (see the module docstring). LoraFileError (naming the file
+    and what it is instead) when it is not a LoRA."""
+    path = require_file(path, "LoRA")
     with open_lora(path) as f:
         keys = f.keys()
+        problem = not_a_lora(keys)
+        if problem is not None:
+            raise LoraFileError(path, problem)
         metadata = dict(f.metadata)
         family = detect_file_family(keys, metadata, f.shape)
         modules: dict[str, FileModule] = {}

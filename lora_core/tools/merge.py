@@ -24,11 +24,11 @@ from ..adapters import Adapter
 from ..blocks import PresetBook, block_of
 from ..errors import FamilyMismatchError
 from ..io import model_hash, read_metadata
-from ..model_index import FAMILIES
 from ..network import Network, load_network
-from .checkpoint import (CheckpointIndex, CheckpointReader, StreamingWriter, TensorSlice, all_specs, check_output,
-                         save_dtype_for)
-from .common import FamiliesDifferError, LoraItem, Progress, ToolError, as_item, block_table, dtype_of, step
+from .checkpoint import CheckpointIndex, CheckpointReader, StreamingWriter, TensorSlice, all_specs, save_dtype_for
+from .checks import check_output, require_device
+from .common import FamiliesDifferError, LoraItem, Progress, UsageError, as_item, block_table, dtype_of, step
+from .lora_file import require_lora
 from .output import Saved, modelspec, title_of
 
 RECIPE_KEY = "lora_core_merge"
@@ -142,15 +142,17 @@ def merge_into(checkpoint: str | os.PathLike, loras: Sequence[LoraItem | str | o
     (missing/unreadable file, output exists without ``overwrite``), FamilyMismatchError (a LoRA for another
     family), KeyMappingError (a LoRA with nothing for this model), ToolError, ValueError (bad block weights).
     """
-    output = check_output(output, overwrite)
+    save_dtype, compute = dtype_of(save_precision), dtype_of(compute_precision)
+    require_device(device)
     items = [as_item(item, lora_dirs) for item in loras]
     if not items:
-        raise ToolError("nothing to merge: give at least one LoRA")
-    save_dtype, compute = dtype_of(save_precision), dtype_of(compute_precision)
+        raise UsageError("nothing to merge: give at least one LoRA")
+    output = check_output(output, overwrite, [checkpoint, *(item.path for item in items)])
+    for item in items:
+        require_lora(item.path)
     with CheckpointReader(checkpoint) as reader:
+        reader.require_model("the checkpoint to merge into")
         index = reader.index
-        if index.family not in FAMILIES:
-            raise ToolError(f"{checkpoint}: not an SD1, SD2 or SDXL checkpoint (no UNet or text encoder keys)")
         changes, merged = plan_changes(items, index, reader.path, presets)
         specs = all_specs(reader, save_dtype_for(save_dtype))
         meta = _metadata(reader, output, merged, {"save_precision": save_precision,

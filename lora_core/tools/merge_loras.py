@@ -27,9 +27,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..blocks import PresetBook
-from .checkpoint import check_output
-from .common import LoraItem, Progress, ToolError, as_item, block_table, dtype_of, same_family, step
-from .lora_file import FileModule, LoraContents, read_lora
+from .checks import check_output, require_clamp, require_device, require_rank, require_ranks_fit
+from .common import LoraItem, Progress, ToolError, UsageError, as_item, block_table, dtype_of, same_family, step
+from .lora_file import FileModule, LoraContents, infer_shape, read_lora
 from .names import block_of_name
 from .output import Saved, modelspec, network_metadata, save_lora, title_of
 from .svd import low_rank
@@ -151,19 +151,28 @@ def merge_loras(loras: Sequence[LoraItem | str | os.PathLike], output: str | os.
     different families), ToolError (bad mode, unequal ranks for sum, algorithms a mode cannot take), ValueError.
     """
     if mode not in MODES:
-        raise ToolError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        raise UsageError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
     if mode == "svd" and not rank:
-        raise ToolError("an svd merge needs the new rank (rank=..., --rank)")
-    output = check_output(output, overwrite)
+        raise UsageError("an svd merge needs the new rank (rank=..., --rank)")
+    require_rank(rank, "the rank (--rank)")
+    require_rank(conv_rank, "the conv rank (--conv-rank)")
+    require_clamp(clamp_quantile if mode == "svd" else None)
+    save_dtype = dtype_of(save_precision)
+    require_device(device)
     items = [as_item(item, lora_dirs) for item in loras]
     if not items:
-        raise ToolError("nothing to merge: give at least one LoRA")
+        raise UsageError("nothing to merge: give at least one LoRA")
+    output = check_output(output, overwrite, [item.path for item in items])
     contents = [read_lora(item.path) for item in items]
     family = same_family([(c.path, c.family) for c in contents])
     if family is None and any(item.blocks for item in items):
         raise ToolError("block weights need to know the model family, and no input says it (no metadata)")
     tables = [block_table(item.blocks, family, presets) if family else None for item in items]
     parts = _parts(contents, items, tables)
+    if mode == "svd":
+        shapes = [shape for module_parts in parts.values() for part in module_parts
+                  if (shape := infer_shape(part.module.name, part.module.params)) is not None]
+        require_ranks_fit(rank, conv_rank, shapes, "the inputs")
     tensors: dict[str, torch.Tensor] = {}
     for done, (name, module_parts) in enumerate(sorted(parts.items()), 1):
         if mode == "sum":
@@ -183,7 +192,7 @@ def merge_loras(loras: Sequence[LoraItem | str | os.PathLike], output: str | os.
         meta.update(modelspec(family, title or Path(output).stem, merged_from=", ".join(title_of(i.path) for i in items),
                               v_parameterization=meta.get("ss_base_model_version") == "sd_v2_v"))
     meta.update(metadata or {})
-    saved = save_lora(tensors, output, meta, save_dtype=dtype_of(save_precision), overwrite=overwrite)
+    saved = save_lora(tensors, output, meta, save_dtype=save_dtype, overwrite=overwrite)
     dropped = [f"{c.path.name}: {key}" for c in contents for key in c.other]
     return MergeLorasResult(saved, family, mode, len(parts), {r: ranks.count(r) for r in sorted(set(ranks))}, dropped)
 

@@ -20,6 +20,7 @@ import torch
 from ..errors import LoraFileError
 from ..io import read_metadata, save_safetensors
 from .checkpoint import LEGACY_HASH_KEY, MODEL_HASH_KEY, with_hashes
+from .checks import require_result_finite
 
 NETWORK_MODULE = "networks.lora"
 IMPLEMENTATION = "sd-webui-lora-core"
@@ -105,6 +106,11 @@ def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta
               *, save_dtype: torch.dtype | None, overwrite: bool = False) -> Saved:
     """Cast floating tensors to ``save_dtype``, add the sshs hashes to ``metadata`` and save atomically."""
     tensors = cast_floats(tensors, save_dtype)
+    for key, tensor in tensors.items():
+        require_result_finite(key, tensor)
     metadata = with_hashes(tensors, metadata)
-    save_safetensors(tensors, path, metadata, overwrite=overwrite)
+    try:
+        save_safetensors(tensors, path, metadata, overwrite=overwrite)
+    except OSError as error:  # disk full, folder removed meanwhile: name the output, not the temporary file
+        raise LoraFileError(path, f"could not be written ({error.strerror or error})") from None
     return Saved(Path(path), metadata[MODEL_HASH_KEY], metadata[LEGACY_HASH_KEY])

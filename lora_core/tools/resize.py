@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import check_output
+from .checks import check_output, require_device, require_dynamic, require_rank, require_ranks_fit
 from .common import Progress, ToolError, dtype_of, step
-from .lora_file import FileModule, read_lora
+from .lora_file import FileModule, infer_shape, read_lora
 from .output import Saved, save_lora
-from .svd import DYNAMIC_METHODS, low_rank
+from .svd import low_rank
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,18 @@ def resize(lora: str | os.PathLike, output: str | os.PathLike, *, rank: int = 4,
 
     With ``dynamic``, ``rank`` is the most any module keeps. Raises LoraFileError, ToolError.
     """
-    if dynamic is not None and dynamic not in DYNAMIC_METHODS:
-        raise ToolError(f"unknown dynamic method '{dynamic}' (choose from {', '.join(DYNAMIC_METHODS)})")
-    if dynamic is not None and dynamic_param is None:
-        raise ToolError(f"the dynamic method {dynamic} needs its parameter (dynamic_param=..., --dynamic-param)")
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ToolError("ranks must be at least 1")
-    output = check_output(output, overwrite)
+    require_dynamic(dynamic, dynamic_param)
+    require_rank(rank, "the rank (--rank)")
+    require_rank(conv_rank, "the conv rank (--conv-rank)")
+    save_dtype = dtype_of(save_precision)
+    require_device(device)
+    output = check_output(output, overwrite, [lora])
     contents = read_lora(lora)
+    if dynamic is None:  # a dynamic rank is at most --rank: a large one is the usual way to let it choose
+        require_ranks_fit(rank, conv_rank, [shape for module in contents.modules.values()
+                                            if _resizable(module) is None
+                                            and (shape := infer_shape(module.name, module.params)) is not None],
+                          str(contents.path))
     tensors: dict[str, torch.Tensor] = dict(contents.other)
     result_modules: list[ModuleResize] = []
     kept: list[str] = []
@@ -105,7 +109,7 @@ def resize(lora: str | os.PathLike, output: str | os.PathLike, *, rank: int = 4,
     if not result_modules:
         raise ToolError(f"{lora}: no LoRA module to resize")
     metadata = _metadata(contents.metadata, result_modules, rank, conv_rank, dynamic, dynamic_param)
-    saved = save_lora(tensors, output, metadata, save_dtype=dtype_of(save_precision), overwrite=overwrite)
+    saved = save_lora(tensors, output, metadata, save_dtype=save_dtype, overwrite=overwrite)
     return ResizeResult(saved, result_modules, kept)
 
 

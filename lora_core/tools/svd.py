@@ -16,7 +16,11 @@ from dataclasses import dataclass
 import torch
 
 MIN_SV = 1e-6
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+# each dynamic method's parameter: what it means and its valid range (low, high, whether low itself is valid)
+DYNAMIC_PARAMS = {"sv_ratio": ("the largest singular value over the smallest kept", 1.0, math.inf, True),
+                  "sv_fro": ("the share of the Frobenius norm kept", 0.0, 1.0, False),
+                  "sv_cumulative": ("the share of the sum of singular values kept", 0.0, 1.0, False)}
+DYNAMIC_METHODS = tuple(DYNAMIC_PARAMS)
 _TORCH_QUANTILE_LIMIT = 2 ** 24  # torch.quantile refuses larger inputs
 
 
