@@ -1,7 +1,11 @@
 """``python -m lora_core <command>``: merge-into, merge-loras, extract, resize, add-difference, inspect.
 
-Each command is a thin layer over ``lora_core.tools``; ``--help`` on each says what it does. Errors print one
-line (``error: ...``) and exit with status 1; progress goes to stderr (tqdm when it is installed).
+Each command is a thin layer over ``lora_core.tools``; ``--help`` on each says what it does. Progress goes to
+stderr (tqdm when it is installed). Errors print one line (``error: ...``), never a traceback, and exit with
+status 2 for a wrong command line (a bad option or value, options that contradict each other, an output that is
+also an input: ``UsageError``) or 1 for a file that is missing, unreadable, of the wrong kind or in the way.
+Every argument is checked before any work, so a refused command has read no more than file headers and written
+nothing. From another directory, ``python path/to/lora-core.py`` runs the same (see README).
 """
 from __future__ import annotations
 
@@ -11,10 +15,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .blocks import PresetBook
-from .errors import LoraError
+from .blocks import Preset, PresetBook
+from .errors import LoraError, LoraFileError
 from .tools import common
 from .tools.svd import DYNAMIC_METHODS
+
+PROG = "python -m lora_core"
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2  # argparse's status for a bad command line; the tools' UsageError gets the same
+EXIT_INTERRUPTED = 130
 
 ITEM_HELP = ("a LoRA as PATH_OR_NAME[:RATIO[:BLOCKS]]; BLOCKS is a preset name or 12/17/20/26 block weights "
              "(e.g. my_lora.safetensors:0.8:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1)")
@@ -58,9 +67,16 @@ class _Progress:
 def _presets(path: str | None) -> PresetBook | None:
     if path is None:
         return None
-    if not Path(path).is_file():
-        raise common.ToolError(f"{path}: presets file not found")
-    return PresetBook.load(path)
+    common.require_file(path, "presets")
+    try:
+        book = PresetBook.load(path)
+    except ValueError as error:  # UnicodeDecodeError included: a binary file
+        raise LoraFileError(path, f"not a block-weight presets file ({error})") from None
+    if not any(isinstance(line, Preset) for line in book.lines):
+        raise LoraFileError(path, "holds no block-weight preset (lines NAME:w1,w2,...,wn)")
+    for problem in book.problems:  # the WebUI keeps such lines as comments; say so, as it does
+        print(f"warning: {path}: {problem}", file=sys.stderr)
+    return book
 
 
 def _metadata(pairs: Sequence[str]) -> dict[str, str]:
@@ -68,13 +84,31 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise common.ToolError(f"--metadata takes KEY=VALUE, not '{pair}'")
+            raise common.UsageError(f"--metadata takes KEY=VALUE, not '{pair}'")
         out[key] = value
     return out
 
 
+DEFAULT_CLAMP = 0.99
+
+
 def _clamp(args: argparse.Namespace) -> float | None:
-    return None if args.no_clamp else args.clamp_quantile
+    if args.no_clamp and args.clamp_quantile is not None:
+        raise common.UsageError("--clamp-quantile and --no-clamp contradict each other; give one")
+    return None if args.no_clamp else (DEFAULT_CLAMP if args.clamp_quantile is None else args.clamp_quantile)
+
+
+def _svd_only(args: argparse.Namespace) -> None:
+    """merge-loras: options of the svd mode are refused in the others rather than ignored."""
+    given = [flag for flag, value in (("--rank", args.rank), ("--conv-rank", args.conv_rank),
+                                      ("--clamp-quantile", args.clamp_quantile), ("--no-clamp", args.no_clamp))
+             if value not in (None, False)]
+    if args.mode != "svd" and given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise common.UsageError(f"{', '.join(given)} only {verb} to --mode svd ({args.mode} keeps the ranks of its "
+                                "inputs" + (" and adds them)" if args.mode == "concat" else ")"))
+    if args.same_to_strength and args.mode != "sum":
+        raise common.UsageError("--same-to-strength only applies to --mode sum")
 
 
 def _saved_line(saved) -> str:
@@ -96,6 +130,7 @@ def _merge_into(args, progress) -> str:
 
 def _merge_loras(args, progress) -> str:
     from .tools import merge_loras
+    _svd_only(args)
     result = merge_loras(args.loras, args.output, mode=args.mode, rank=args.rank, conv_rank=args.conv_rank,
                          clamp_quantile=_clamp(args), same_to_strength=args.same_to_strength,
                          save_precision=args.save_precision, device=args.device, presets=_presets(args.presets),
@@ -145,6 +180,9 @@ def _add_difference(args, progress) -> str:
 
 def _inspect(args, progress) -> str:
     from .tools import format_report, inspect_lora, render_block_chart
+    from .tools.inspect_cli import check_chart_path
+    if args.plot:
+        check_chart_path(args.plot, [args.lora, args.model])
     info = inspect_lora(args.lora, args.model)
     if args.plot:
         render_block_chart(info["block_norms"], args.plot, title=Path(args.lora).name)
@@ -167,8 +205,9 @@ def _common(parser: argparse.ArgumentParser, *, save_default: str, compute: bool
 
 
 def _clamp_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clamp-quantile", type=float, default=0.99,
-                        help="clamp the factors to this quantile of their values (default 0.99, as sd-scripts)")
+    parser.add_argument("--clamp-quantile", type=float,
+                        help=f"clamp the factors to this quantile of their values, above 0 and at most 1 "
+                             f"(default {DEFAULT_CLAMP}, as sd-scripts)")
     parser.add_argument("--no-clamp", action="store_true", help="keep every value (exact up to the rank)")
 
 
@@ -178,9 +217,15 @@ def _lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", help="block-weight presets file (LBW's lbwpresets.txt format)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_core",
-                                     description="Merge, extract, resize and inspect LoRAs and checkpoints.")
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like the tools' (its usage block would hide the message)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Merge, extract, resize and inspect LoRAs and checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("merge-into", help="bake LoRAs into a checkpoint",
@@ -263,16 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     progress = _Progress(args.quiet)
     run: Callable = args.run
     try:
         text = run(args, progress)
+    except common.UsageError as error:
+        message, status = str(error), EXIT_USAGE
     except (LoraError, ValueError, OSError) as error:
+        message, status = str(error), EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # the tools write to a temporary file and rename it only when done
+        message, status = "interrupted; nothing was written", EXIT_INTERRUPTED
+    else:
         progress.close()
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(text)
+        return 0
     progress.close()
-    print(text)
-    return 0
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
+    return status

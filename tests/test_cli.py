@@ -100,7 +100,7 @@ def test_errors_are_one_line(files, sdxl_model, tmp_path, capsys):
     code, _, err = run(capsys, "resize", tmp_path / "missing.safetensors", "-o", tmp_path / "o.safetensors")
     assert code == 1 and "file not found" in err and err.count("\n") == 1
     code, _, err = run(capsys, "merge-loras", lora, "--mode", "svd", "-o", tmp_path / "o.safetensors")
-    assert code == 1 and "needs the new rank" in err
+    assert code == 2 and "needs the new rank" in err  # a usage error
     xl = write(tmp_path / "xl.safetensors", {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
                                              torch.zeros(2, 48),
                                              "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight":
