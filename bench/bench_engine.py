@@ -63,6 +63,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIB = 1024 * 1024
 CONTEXT_LENGTH = 77
 CLIP_L_WIDTH = 768
+SDXL_CONTEXT_WIDTH = 768 + 1280  # CLIP-L and OpenCLIP bigG hidden states side by side
+SDXL_ADM_WIDTH = 1280 + 6 * 256  # bigG's pooled output and six size/crop numbers, 256 wide each
 
 
 # --------------------------------------------------------------------------------------- options
@@ -112,13 +114,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------- model
 
-def sd15_unet() -> UNetModel:
-    """The UNet of v1-inference.yaml (SD1.5), ~860M parameters."""
+def sd15_unet(width: int = 320, context_dim: int = CLIP_L_WIDTH) -> UNetModel:
+    """The UNet of v1-inference.yaml (SD1.5), ~860M parameters at the real width (320)."""
     return UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+        image_size=32, in_channels=4, out_channels=4, model_channels=width, attention_resolutions=[4, 2, 1],
         num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-        transformer_depth=1, context_dim=CLIP_L_WIDTH, use_checkpoint=False, legacy=False,
+        transformer_depth=1, context_dim=context_dim, use_checkpoint=False, legacy=False,
     )
+
+
+def sdxl_unet(width: int = 320, context_dim: int = SDXL_CONTEXT_WIDTH, adm_in_channels: int = SDXL_ADM_WIDTH,
+              head_channels: int = 64) -> UNetModel:
+    """The UNet of sd_xl_base.yaml, ~2.6B parameters at the real width (320), from ldm's class.
+
+    Built as ``tests/tiny_models.py`` builds its tiny SDXL UNet, at real widths and levels (1, 2, 4): ldm has
+    no per-level transformer depth, so every level is built 10 deep and the 2nd is cut to 2 (the 1st has no
+    attention); ``label_emb`` gets sgm's layout; each SpatialTransformer hands one context to all its blocks.
+    """
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=width, attention_resolutions=[4, 2],
+        num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=head_channels, use_spatial_transformer=True,
+        use_linear_in_transformer=True, transformer_depth=tiny_models.SDXL_DEPTH,
+        context_dim=[context_dim] * tiny_models.SDXL_DEPTH, use_checkpoint=False, legacy=False,
+        num_classes=1,  # creates label_emb where sgm has it; replaced below
+    )
+    for blocks, index in tiny_models.SDXL_LEVEL2_BLOCKS:
+        del getattr(unet, blocks)[index][1].transformer_blocks[tiny_models.SDXL_LEVEL2_DEPTH:]
+    time_embed_dim = unet.time_embed[0].out_features
+    unet.num_classes = "sequential"
+    unet.label_emb = nn.Sequential(nn.Sequential(
+        nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
+    for module in unet.modules():
+        if isinstance(module, SpatialTransformer):
+            module.register_forward_pre_hook(tiny_models._context_per_block)
+    return unet
 
 
 def clip_l_text_encoder() -> nn.Module:
@@ -136,13 +165,17 @@ def clip_l_text_encoder() -> nn.Module:
     return tiny_models.HijackedTextEncoder(tiny_models.ClipTextEmbedder(model))
 
 
-def build_model(with_te: bool, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Root whose UNet is ``model.diffusion_model`` (and TE ``cond_stage_model.wrapped.transformer``)."""
+def build_model(with_te: bool, seed: int, device: torch.device, dtype: torch.dtype, family: str = "sd1",
+                unet: Callable[[], nn.Module] = sd15_unet) -> nn.Module:
+    """Root whose UNet is ``model.diffusion_model`` (and TE ``cond_stage_model.wrapped.transformer``).
+
+    Built on ``device`` itself (an SDXL-sized UNet takes seconds to draw on a GPU, minutes on a few cores)."""
     torch.manual_seed(seed)
-    root = tiny_models.TinySDModel("sd1", sd15_unet())
-    if with_te:
-        root.cond_stage_model = clip_l_text_encoder()
-    tiny_models._randomize(root)  # ldm zero-inits output projections: redraw so every layer is non-zero
+    with torch.device(device):
+        root = tiny_models.TinySDModel(family, unet())
+        if with_te:
+            root.cond_stage_model = clip_l_text_encoder()
+        tiny_models._randomize(root)  # ldm zero-inits output projections: redraw so every layer is non-zero
     return root.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -165,11 +198,25 @@ def kohya_default_targets(root: nn.Module, index: ModelIndex) -> list[Target]:
     return targets
 
 
-def unet_inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+def unet_inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, seed: int,
+                context_dim: int = CLIP_L_WIDTH, adm_in_channels: int | None = None) -> dict:
+    """Latent ``x``, ``timesteps``, text ``context`` and, for SDXL (``adm_in_channels``), the vector ``y``."""
     gen = torch.Generator().manual_seed(seed + size)
-    return {"x": torch.randn(batch, 4, size, size, generator=gen).to(device, dtype),
-            "timesteps": torch.randint(0, 1000, (batch,), generator=gen).to(device),
-            "context": torch.randn(batch, CONTEXT_LENGTH, CLIP_L_WIDTH, generator=gen).to(device, dtype)}
+    inputs = {"x": torch.randn(batch, 4, size, size, generator=gen).to(device, dtype),
+              "timesteps": torch.randint(0, 1000, (batch,), generator=gen).to(device),
+              "context": torch.randn(batch, CONTEXT_LENGTH, context_dim, generator=gen).to(device, dtype)}
+    if adm_in_channels is not None:
+        inputs["y"] = torch.randn(batch, adm_in_channels, generator=gen).to(device, dtype)
+    return inputs
+
+
+def unet_step(root: nn.Module, inputs: dict) -> torch.Tensor:
+    """One UNet call (no grad) as A1111 makes it: a half-precision model runs under autocast, because ldm
+    computes its GroupNorms and timestep embedding in float32."""
+    x = inputs["x"]
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype, enabled=half):
+        return root.model.diffusion_model(x, inputs["timesteps"], context=inputs["context"], y=inputs.get("y"))
 
 
 # --------------------------------------------------------------------------------------- measuring
@@ -283,9 +330,7 @@ class Bench:
         return self.args.sizes[0]
 
     def step(self, size: int) -> torch.Tensor:
-        inp = self.inputs[size]
-        with torch.no_grad():
-            return self.root.model.diffusion_model(inp["x"], inp["timesteps"], context=inp["context"])
+        return unet_step(self.root, self.inputs[size])
 
     def timed(self, fn: Callable[[], object]) -> float:
         return timed(fn, self.device, self.args.clock)
