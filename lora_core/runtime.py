@@ -137,7 +137,7 @@ class LoraRuntime:
         self._active = active
         self._hires = hires
         self.patcher.new_generation()
-        mode, result.reason = self._choose_mode(active, sweep, result, workload)
+        mode, result.reason = self._choose_mode(active, sweep, workload)
         self._apply(active, mode, 0, total_steps or 1, result)
         result.active = list(self._active)
         result.mode = self._applied_mode
@@ -210,7 +210,7 @@ class LoraRuntime:
         index = self.index
         return self.library.load(entry, lambda e: load_network(e.path, index, name=e.name), kind=self._model_token)
 
-    def _choose_mode(self, active: list[ActiveLora], sweep: bool, result: Activation,
+    def _choose_mode(self, active: list[ActiveLora], sweep: bool,
                      workload: Workload | None = None) -> tuple[str, str]:
         """The mode and why. ``auto``: bypass until a set proves steady, then merged.
 
@@ -257,7 +257,6 @@ class LoraRuntime:
                 mode = "merged"
                 reason = (f"bypass would hold {dense / 2**20:.0f} MiB of full-size deltas, {device} can spare "
                           f"{budget / 2**20:.0f} MiB")
-                result.notes.append(f"{reason}: merged instead")
         if mode == "merged":
             need = self._backup_bytes(active)
             free = host_bytes_free()
@@ -265,7 +264,6 @@ class LoraRuntime:
                 mode = "bypass"
                 reason = (f"merging would keep {need / 2**20:.0f} MiB of original weights in host memory, "
                           f"{max(0, free - HOST_RESERVE) / 2**20:.0f} MiB are free")
-                result.notes.append(f"{reason}: bypass instead")
         return mode, reason
 
     def _backup_bytes(self, active: list[ActiveLora]) -> int:

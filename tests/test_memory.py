@@ -28,7 +28,12 @@ from tiny_models import build_sd1, make_inputs, run_unet
 
 MiB = 1 << 20
 FP8 = getattr(torch, "float8_e4m3fn", None)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs these)")
+
+
+def cuda(test):
+    """Marked ``gpu`` (bench/gpu_check.sh runs these) and skipped without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs these)")
+    return pytest.mark.gpu(skip(test))
 
 
 def unet(root, inputs, dtype=None):

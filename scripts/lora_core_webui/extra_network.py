@@ -65,6 +65,19 @@ def record(p, result: Activation, hires: bool) -> None:
     p.extra_generation_params[ERRORS_KEY] = "; ".join(seen)
 
 
+_said_mode: tuple[str, str] | None = None
+
+
+def _say_mode(result: Activation) -> None:
+    """The apply mode and why, on the console when it changes (``merged: the same LoRAs and weights as the last
+    generation``; memory decisions name the device and what it could spare)."""
+    global _said_mode
+    said = (result.mode, result.reason)
+    if result.active and said != _said_mode:
+        print(f"[lora-core] {result.mode}: {result.reason}")
+    _said_mode = said if result.active else None
+
+
 class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
     def __init__(self):
         super().__init__("lora")
@@ -89,6 +102,7 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
             if note not in _noted:  # once per file version and process, not every generation
                 _noted.add(note)
                 print(f"[lora-core] {note}")
+        _say_mode(result)
         record(p, result, hires)
 
     def deactivate(self, p):
