@@ -311,12 +311,18 @@ def _unpickler_detail(message: str) -> str:
     return detail.split(" Please use ")[0].split(" Check the documentation")[0][:300]
 
 
+#: torch's own loader. Hosts replace ``torch.load`` (A1111's ``modules.safe.load`` runs its own restricted unpickler
+#: first, which rejects files that torch 2.x writes, logs "The file may be malicious" and returns None): the
+#: function in ``torch.serialization`` stays torch's, and with ``weights_only=True`` it never runs pickled code.
+_TORCH_LOAD = torch.serialization.load
+
+
 def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True; accepts {name: tensor} or {'state_dict': {name: tensor}, ...}."""
     _file_size(path)
     is_zip = zipfile.is_zipfile(path)
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+        payload = _TORCH_LOAD(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(str(e))
         if "global" in detail.lower() or "class" in detail.lower():

@@ -308,6 +308,16 @@ def test_pt_flat_dict(tmp_path, suffix, zip_format):
         assert torch.equal(lora.get("a.lora_down.weight"), tiny_tensors()["a.lora_down.weight"])
 
 
+def test_pt_loads_when_the_host_has_replaced_torch_load(tmp_path, monkeypatch):
+    """A1111 sets ``torch.load = modules.safe.load``, whose own unpickler refuses what torch 2.x writes and returns
+    None (in the WebUI: 'expected a dict of tensors, found a NoneType'); the library does not go through it."""
+    path = tmp_path / "x.pt"
+    torch.save(tiny_tensors(), str(path))
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: None)
+    with open_lora(path) as lora:
+        assert sorted(lora.keys()) == sorted(tiny_tensors())
+
+
 def test_pt_nested_state_dict(tmp_path):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": tiny_tensors(), "global_step": 10}, str(path))
