@@ -81,6 +81,7 @@ def _say_mode(result: Activation) -> None:
 class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
     def __init__(self):
         super().__init__("lora")
+        self._unfinished = False  # activated, not yet deactivated: a generation in progress (or one that failed)
 
     def activate(self, p, params_list):
         runtime = state.runtime()
@@ -90,6 +91,13 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
         runtime.set_bypass_budget(int(state.option("lora_core_bypass_memory_mb", 2048)) << 20)
         hires = bool(getattr(p, "is_hr_pass", False))
         items = [list(params.items) for params in params_list]
+        if not hires:
+            if self._unfinished and runtime.patcher.active:
+                # an error or an interrupt stopped the last generation before deactivate: its LoRAs are still
+                # on the model (and recorded in the runtime); this generation re-plans from them
+                print("[lora-core] the previous generation did not finish (an error?): its LoRAs are re-planned "
+                      "for this one, the model is restored where they are not wanted")
+            self._unfinished = True
         if not items and not runtime.patcher.active and not embeddings.registered():
             return
         if not hires:  # R and U block weights are drawn per generation, reproducibly from its seed
@@ -107,4 +115,4 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
 
     def deactivate(self, p):
         # The set stays applied until the next generation asks for another (often the same one: no work).
-        pass
+        self._unfinished = False
