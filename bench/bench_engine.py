@@ -131,23 +131,8 @@ def sdxl_unet(width: int = 320, context_dim: int = SDXL_CONTEXT_WIDTH, adm_in_ch
     no per-level transformer depth, so every level is built 10 deep and the 2nd is cut to 2 (the 1st has no
     attention); ``label_emb`` gets sgm's layout; each SpatialTransformer hands one context to all its blocks.
     """
-    unet = UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=width, attention_resolutions=[4, 2],
-        num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=head_channels, use_spatial_transformer=True,
-        use_linear_in_transformer=True, transformer_depth=tiny_models.SDXL_DEPTH,
-        context_dim=[context_dim] * tiny_models.SDXL_DEPTH, use_checkpoint=False, legacy=False,
-        num_classes=1,  # creates label_emb where sgm has it; replaced below
-    )
-    for blocks, index in tiny_models.SDXL_LEVEL2_BLOCKS:
-        del getattr(unet, blocks)[index][1].transformer_blocks[tiny_models.SDXL_LEVEL2_DEPTH:]
-    time_embed_dim = unet.time_embed[0].out_features
-    unet.num_classes = "sequential"
-    unet.label_emb = nn.Sequential(nn.Sequential(
-        nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
-    for module in unet.modules():
-        if isinstance(module, SpatialTransformer):
-            module.register_forward_pre_hook(tiny_models._context_per_block)
-    return unet
+    return tiny_models._sdxl_unet(context_dim, adm_in_channels, width=width, channel_mult=[1, 2, 4],
+                                  head_channels=head_channels)
 
 
 def clip_l_text_encoder() -> nn.Module:

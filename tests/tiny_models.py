@@ -258,11 +258,13 @@ def _context_per_block(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def _sdxl_unet(context_dim: int, adm_in_channels: int) -> UNetModel:
-    """The UNet of sd_xl_base.yaml, tiny, from ldm's class (see the module docstring)."""
+def _sdxl_unet(context_dim: int, adm_in_channels: int, width: int = UNET_WIDTH, channel_mult=SDXL_CHANNEL_MULT,
+               head_channels: int = 16) -> UNetModel:
+    """The UNet of sd_xl_base.yaml, tiny, from ldm's class (see the module docstring); ``bench/bench_engine.py``
+    builds the real-size one with the real width, levels and head size."""
     unet = UNetModel(
-        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
-        attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=SDXL_CHANNEL_MULT, num_head_channels=16,
+        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=width,
+        attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=channel_mult, num_head_channels=head_channels,
         use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=SDXL_DEPTH,
         context_dim=[context_dim] * SDXL_DEPTH, use_checkpoint=False, legacy=False,
         num_classes=1,  # creates label_emb where sgm has it; replaced below
