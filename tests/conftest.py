@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 import tiny_models
 
@@ -20,9 +20,15 @@ import tiny_models
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
-settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("dev", deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+# Deterministic unless asked otherwise (tests/run, CI and a bare pytest alike): each test draws its examples from
+# a fixed seed (derandomize) and no example database is read or written, so a run never depends on the machine's
+# history or on luck. A random search is opt-in: HYPOTHESIS_PROFILE=fuzz runs many more examples from a fresh
+# seed each time (tests that ask for a number of examples get at least the profile's), and keeps what fails in
+# .hypothesis/ so that the next fuzz run tries it first; print_blob gives the line that reproduces a failure.
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", deadline=None, max_examples=20_000, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _build(family: str) -> tiny_models.TinySDModel:

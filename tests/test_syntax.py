@@ -20,6 +20,11 @@ from lora_core.syntax import (
 )
 
 C = Schedule.constant
+
+
+def examples(count: int) -> settings:
+    """At least ``count`` examples, or the profile's number when that is more (HYPOTHESIS_PROFILE=fuzz)."""
+    return settings(max_examples=max(count, settings.default.max_examples))
 LIST17 = "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"
 
 
@@ -370,7 +375,7 @@ def check_result(result: ParseResult) -> None:
     assert all(v is None or (math.isfinite(v) and v >= 0) for v in (request.start, request.stop))
 
 
-@settings(max_examples=300)
+@examples(300)
 @given(st.one_of(st.text(), prompt_like))
 def test_fuzz_parse_prompt_never_raises(prompt):
     found = parse_prompt(prompt)
@@ -383,7 +388,7 @@ def test_fuzz_parse_prompt_never_raises(prompt):
 item_lists = st.lists(st.one_of(st.text(max_size=30), prompt_like, st.floats(), st.integers()), max_size=12)
 
 
-@settings(max_examples=500)
+@examples(500)
 @given(item_lists)
 def test_fuzz_parse_lora_items_never_raises_and_canonical_form_is_stable(items):
     result = parse_lora_items(items)
@@ -431,13 +436,13 @@ requests = st.builds(
 )
 
 
-@settings(max_examples=300)
+@examples(300)
 @given(requests)
 def test_format_then_parse_round_trips(request):
     tag = format_request(request)
     result = parse_lora_items(items_of(tag))
     assert result.request == request, (tag, result.warnings)
-    assert not any("skipped" in w or "ignored" in w for w in result.warnings)
+    assert not any(w.endswith(("; the LoRA is skipped", "; ignored")) for w in result.warnings)  # a name may say so
     found = parse_prompt(f"a photo, {tag}, detailed")
     assert [(t, r.request) for t, r in found] == [(tag, request)]
     assert format_request(result.request) == tag
