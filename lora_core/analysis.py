@@ -1,7 +1,7 @@
 """Sweeps and block analysis: the pure parts of the X/Y/Z axes and of the Effective Block Analyzer.
 
 Prompt edits. An X/Y/Z cell changes the ``<lora:...>`` tags of the prompt: each tag is parsed
-(:func:`~lora_core.syntax.parse_lora_items`), edited as a :class:`~lora_core.syntax.LoraRequest` and written back
+(:func:`~lora_core.syntax.parse_tag`), edited as a :class:`~lora_core.syntax.LoraRequest` and written back
 canonically (:func:`~lora_core.syntax.format_request`); the rest of the prompt is kept as it was. Axis values may
 name the LoRA they act on, ``NAME:VALUE`` (a name with ``:`` is quoted, ``"my:lora":0.5``).
 
@@ -17,6 +17,7 @@ reference per block, labelled ``Diff: x%``. Per seed that is one image per block
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .blocks import Weight, block_ids
-from .syntax import (EXTRA_NETWORK_RE, NETWORK_TYPES, LoraRequest, Schedule, format_number, format_request,
-                     parse_lora_items)
+from .syntax import MAX_TAGS, LoraRequest, Schedule, format_number, format_request, parse_tag
+from .tags import find_tags
 
 __all__ = [
     "DEFAULT_THRESHOLD", "BlockDiff", "LoraTag", "analyzer_grid", "analyzer_lbw", "difference", "diff_image",
@@ -55,14 +56,14 @@ class LoraTag:
 
 
 def lora_tags(prompt: str) -> list[LoraTag]:
-    """The tags of ``prompt`` that parse to a request (malformed ones are left alone)."""
+    """The tags of ``prompt`` that parse to a request (malformed ones are left alone), among its first
+    :data:`~lora_core.syntax.MAX_TAGS` (the later ones are skipped, as :func:`~lora_core.syntax.parse_prompt`
+    says)."""
     tags = []
-    for match in EXTRA_NETWORK_RE.finditer(prompt or ""):
-        if match.group(1) not in NETWORK_TYPES:
-            continue
-        request = parse_lora_items(match.group(2).split(":")).request
+    for tag in itertools.islice(find_tags(prompt or ""), MAX_TAGS):
+        request = parse_tag(tag.text).request
         if request is not None:
-            tags.append(LoraTag(match.start(), match.end(), match.group(1), request))
+            tags.append(LoraTag(tag.start, tag.end, tag.network, request))
     return tags
 
 
@@ -127,7 +128,7 @@ def parse_steps(text: str) -> tuple[float | None, float | None]:
     return ends[0], ends[1] if dash else None
 
 
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"  # one way to match a run of digits: no backtracking over it
 _WEIGHT_RANGE_RE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\[\s*(\d+)\s*\]|\(\s*({_NUMBER})\s*\))?\s*")
 
 

@@ -34,7 +34,6 @@ its Flux presets (61 values) are reported and not imported.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -47,6 +46,7 @@ import torch
 
 from .io import temp_file
 from .model_index import ModelIndex, Target
+from .schedule import format_number, parse_number, quote
 from .syntax import LoraRequest
 
 if TYPE_CHECKING:
@@ -143,11 +143,6 @@ def block_of(index: ModelIndex, target: Target) -> str:
 
 # ----------------------------------------------------------------------------- weights
 
-_NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_WEIGHT_RE = re.compile(rf"(?P<number>[+-]?{_NUMBER})|(?P<kind>[RU])|X(?:(?P<sign>[+-])(?P<offset>{_NUMBER}))?",
-                        re.IGNORECASE)
-
-
 @dataclass(frozen=True)
 class Weight:
     """One value of an lbw list: a number, ``R``, ``U`` or ``X`` plus an offset."""
@@ -157,18 +152,23 @@ class Weight:
 
     @classmethod
     def parse(cls, text: str) -> Weight:
-        match = _WEIGHT_RE.fullmatch(re.sub(r"\s+", "", text))
-        if match is None:
-            raise ValueError(f"'{text.strip()}' is not a number, R, U, X, X+n or X-n")
-        if match.group("number") is not None:
-            value = float(match.group("number"))
-            if not math.isfinite(value):
-                raise ValueError(f"'{text.strip()}' is too large")
-            return cls("number", value)
-        if match.group("kind") is not None:
-            return cls(match.group("kind").upper())
-        offset = float(match.group("offset") or 0.0)
-        return cls("X", -offset if match.group("sign") == "-" else offset)
+        compact = "".join(text.split())
+        kind = compact[:1].upper()
+        if kind in ("R", "U", "X") and len(compact) == 1:
+            return cls(kind)
+        if kind != "X":
+            try:
+                return cls("number", parse_number(compact))
+            except ValueError as error:
+                raise ValueError(f"{error}; values are numbers, R, U, X, X+n or X-n") from None
+        sign, offset = compact[1], compact[2:]
+        try:
+            if sign not in "+-" or offset.startswith(("+", "-")):
+                raise ValueError
+            value = parse_number(offset, unsigned=True)
+        except ValueError:
+            raise ValueError(f"{quote(text)} is not X, X+n or X-n (n a number)") from None
+        return cls("X", -value if sign == "-" else value)
 
     @property
     def is_random(self) -> bool:
@@ -185,14 +185,10 @@ class Weight:
 
     def __str__(self) -> str:
         if self.kind == "number":
-            return _format(self.number)
+            return format_number(self.number)
         if self.kind == "X" and self.number:
-            return f"X{'+' if self.number > 0 else '-'}{_format(abs(self.number))}"
+            return f"X{'+' if self.number > 0 else '-'}{format_number(abs(self.number))}"
         return self.kind
-
-
-def _format(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else repr(float(value))
 
 
 def parse_weights(text: str) -> tuple[Weight, ...]:
@@ -268,11 +264,9 @@ class Directive:
         not_blocks, block_tokens = _negated(parts[0].split())
         not_elements, elements = _negated(parts[1].split())
         try:
-            ratio = float(parts[2])
+            ratio = parse_number(parts[2])
         except ValueError:
-            raise ValueError(f"lbwe directive '{text.strip()}': ratio '{parts[2].strip()}' is not a number") from None
-        if not math.isfinite(ratio):
-            raise ValueError(f"lbwe directive '{text.strip()}': ratio '{parts[2].strip()}' is not finite")
+            raise ValueError(f"lbwe directive {quote(text)}: ratio {quote(parts[2])} is not a number") from None
         return cls(_block_set(block_tokens, text.strip()), not_blocks, tuple(elements), not_elements, ratio)
 
     def matches(self, block: str, names: Sequence[str]) -> bool:

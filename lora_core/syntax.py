@@ -1,22 +1,22 @@
-"""Prompt syntax: the items of one ``<lora:...>`` (or ``<lyco:...>``) -> a :class:`LoraRequest`.
+"""Prompt syntax: the items of one ``<lora:...>`` (or ``<lyco:...>``) -> a :class:`LoraRequest`, and back.
 
 The syntax is a compatible superset of A1111's built-in Lora, lora-block-weight (LBW) and loractl::
 
     <lora:NAME[:TE[:UNET[:DYN]]][:key=value]...>
 
-A1111 splits the text between ``<lora:`` and ``>`` on ``:``; :func:`parse_lora_items` takes that
-list. ``items[0]`` is always the name (it may be quoted, ``"my lora"``; a quoted name may contain
-``:``). Every later item that contains ``=`` is named, the others are positional: 1st TE, 2nd UNET,
-3rd DYN (as A1111 counts them, named items in between do not shift positions). An empty positional
-item is a placeholder for the default (``<lora:n::0.5>`` = TE 1, UNET 0.5). Keys are
-case-insensitive: ``te``, ``unet``, ``dyn``, ``lbw`` (alias ``w``), ``lbwe``, ``x``, ``start``,
-``stop``, ``step``, ``hr``, ``hrte``, ``hrunet``. A named key overrides its positional item
-(A1111). ``hrte``/``hrunet`` override ``hr`` and ``step`` overrides ``start``/``stop``, whatever
-the order (loractl, LBW).
+A1111 finds the tags of a prompt (:mod:`lora_core.tags`) and splits the text between ``<lora:`` and ``>`` on
+``:``; :func:`parse_lora_items` takes that list. ``items[0]`` is always the name (it may be quoted,
+``"my lora"``; a quoted name may contain ``:``). Every later item that contains ``=`` is named, the others are
+positional: 1st TE, 2nd UNET, 3rd DYN (as A1111 counts them, named items in between do not shift positions). An
+empty positional item is a placeholder for the default (``<lora:n::0.5>`` = TE 1, UNET 0.5). Keys are
+case-insensitive: ``te``, ``unet``, ``dyn``, ``lbw`` (alias ``w``), ``lbwe``, ``x``, ``start``, ``stop``,
+``step``, ``hr``, ``hrte``, ``hrunet``. A named key overrides its positional item (A1111). ``hrte``/``hrunet``
+override ``hr`` and ``step`` overrides ``start``/``stop``, whatever the order (loractl, LBW).
 
 Weights (TE, UNET, hr*) are a number (``-0.5``, ``.5``, ``1e-1``) or a schedule ``1@0,0.5@10``
-(keyframes ``weight@step``; ``~`` may replace ``@`` and ``;`` may replace ``,``, as in loractl).
-UNET defaults to TE. ``hrte``/``hrunet`` default to None, meaning "the first-pass weight".
+(keyframes ``weight@step``; ``~`` may replace ``@`` and ``;`` may replace ``,``, as in loractl; see
+:mod:`lora_core.schedule`). UNET defaults to TE. ``hrte``/``hrunet`` default to None, meaning "the first-pass
+weight".
 
 Steps. ``step`` arguments are 0-based indices of the sampling step within one pass (the first
 step of a pass is 0) and ``total_steps`` is the number of steps of that pass. Note that A1111's
@@ -36,7 +36,11 @@ problem. The rule:
 - skipped (``request`` is None): no name, an unclosed quote, or a malformed value for a known
   key or position (weights, schedules, dyn, lbw, lbwe, x, start, stop, step). Such a value
   changes what the LoRA does, so applying it anyway would give an image the person did not ask
-  for; every problem of the LoRA is reported, not only the first.
+  for; every problem of the LoRA is reported, not only the first, up to :data:`MAX_WARNINGS`
+  warnings per LoRA and then one line with the number left out. Also skipped: a tag of more than
+  :data:`MAX_ITEMS` items, a schedule of more than ``MAX_KEYFRAMES``, and in :func:`parse_prompt`
+  every tag after the first :data:`MAX_TAGS` of a prompt (limits far above any real use, so that a
+  pasted megabyte is read in milliseconds).
 - item ignored (request kept): an unknown key (A1111 ignores those too), a key with an empty
   value, a named key given twice (the later wins), positional items after DYN.
 - kept with a warning: start >= stop (never active).
@@ -45,17 +49,25 @@ problem. The rule:
 ``U``, ``X``, ``X+n``, ``X-n``); ``lbwe`` keeps an elemental preset name or inline directives
 ``BLOCKS:ELEMENTS:RATIO[,...]`` (these contain ``:``, so the items that A1111 split are joined
 back). Presets are resolved by the block-weight module, not here.
+
+Every function here takes time linear in the length of its input (a pasted prompt may be megabytes).
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, TypeVar
 
+from .schedule import (ONE, Keyframe, Schedule, clip, format_number, parse_number, quote,
+                       step_position)
+from .tags import EXTRA_NETWORK_RE, NETWORK_TYPES, find_tags
+
 __all__ = [
     "EXTRA_NETWORK_RE",
     "LBW_LENGTHS",
+    "MAX_ITEMS",
+    "MAX_TAGS",
+    "MAX_WARNINGS",
     "NETWORK_TYPES",
     "Keyframe",
     "LoraRequest",
@@ -67,144 +79,25 @@ __all__ = [
     "format_request",
     "parse_lora_items",
     "parse_prompt",
+    "parse_tag",
 ]
 
-EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
-"""How A1111 (modules/extra_networks.py) finds extra networks in a prompt."""
-
-NETWORK_TYPES = ("lora", "lyco")
 LBW_LENGTHS = (12, 17, 20, 26)
+MAX_ITEMS = 256
+"""The most ``:``-separated items a LoRA tag may have (a longer one is skipped: it cannot be meant)."""
+MAX_TAGS = 100
+"""The most LoRA tags read from one prompt (:func:`parse_prompt`, ``analysis.lora_tags``): a pasted megabyte of
+tags must not hold the WebUI for seconds, and no generation applies a hundred LoRAs."""
+MAX_WARNINGS = 8
+"""Warnings listed per LoRA; the rest are counted in one more line."""
 
-_UNSIGNED = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NUMBER_RE = re.compile(rf"\s*([+-]?{_UNSIGNED})\s*")
-_UNSIGNED_RE = re.compile(rf"\s*(\+?{_UNSIGNED})\s*")
-_INT_RE = re.compile(r"\s*\+?(\d+)\s*")
-_STEP_RANGE_RE = re.compile(rf"\s*({_UNSIGNED})?\s*-\s*({_UNSIGNED})?\s*")
-_LBW_SPECIAL_RE = re.compile(rf"\s*([RrUu]|[Xx](?:\s*([+-])\s*({_UNSIGNED}))?)\s*")
 _BLOCK_ID = r"(?:BASE|IN\d\d|M00|OUT\d\d)"
 _BLOCK_TOKEN_RE = re.compile(rf"{_BLOCK_ID}(?:-{_BLOCK_ID})?", re.IGNORECASE)
-_KEYFRAME_SEPARATORS = re.compile(r"[,;]")
-_WEIGHT_STEP_SEPARATORS = re.compile(r"[@~]")
-
-_WEIGHT_HELP = "write a number such as 0.7 or a schedule such as 1@0,0.5@10"
-
-
-# ----------------------------------------------------------------------------- numbers
-
-
-def _parse_number(text: str, pattern: re.Pattern = _NUMBER_RE) -> float:
-    match = pattern.fullmatch(text)
-    if match is None:
-        raise ValueError(f"'{text}' is not a number")
-    value = float(match.group(1))
-    if not math.isfinite(value):
-        raise ValueError(f"'{text}' is too large")
-    return value
-
-
-def format_number(value: float) -> str:
-    """The shortest text that reads back as exactly ``value`` (``1.0`` -> ``1``)."""
-    value = float(value)
-    if value.is_integer() and abs(value) < 1e16:
-        return str(int(value))
-    return repr(value)
-
-
-def _position(value: float, total_steps: int, one_is_fraction: bool = False) -> float:
-    """A step or fraction (see the module docstring) -> a 0-based step position."""
-    if value < 1 or (one_is_fraction and value == 1):
-        return value * max(total_steps - 1, 0)
-    return value
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-@dataclass(frozen=True)
-class Keyframe:
-    weight: float
-    step: float
-    """>= 0; a fraction of the pass when < 1 (see the module docstring)."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A weight over the steps of a pass: keyframes in written order.
-
-    Normalised at construction: when every keyframe has the same weight, the schedule is the
-    constant ``(Keyframe(weight, 0),)``, so equal meanings compare equal in that case.
-    """
-
-    keyframes: tuple[Keyframe, ...]
-
-    def __post_init__(self) -> None:
-        keyframes = tuple(self.keyframes)
-        if not keyframes:
-            raise ValueError("a schedule needs at least one keyframe")
-        for keyframe in keyframes:
-            if not (math.isfinite(keyframe.weight) and math.isfinite(keyframe.step) and keyframe.step >= 0):
-                raise ValueError(f"bad keyframe {keyframe}: weight and step must be finite, step >= 0")
-        if len({keyframe.weight for keyframe in keyframes}) == 1:
-            keyframes = (Keyframe(keyframes[0].weight, 0.0),)
-        object.__setattr__(self, "keyframes", keyframes)
-
-    @classmethod
-    def constant(cls, weight: float) -> Schedule:
-        return cls((Keyframe(float(weight), 0.0),))
-
-    @classmethod
-    def parse(cls, text: str) -> Schedule:
-        """``0.7`` or ``1@0,0.5@10`` -> a Schedule; ValueError says what is wrong."""
-        segments = _KEYFRAME_SEPARATORS.split(text)
-        if len(segments) == 1 and not _WEIGHT_STEP_SEPARATORS.search(text):
-            try:
-                return cls.constant(_parse_number(text))
-            except ValueError:
-                raise ValueError(f"'{text.strip()}' is not a weight: {_WEIGHT_HELP}") from None
-        keyframes = []
-        for segment in segments:
-            parts = _WEIGHT_STEP_SEPARATORS.split(segment)
-            try:
-                if len(parts) != 2:
-                    raise ValueError
-                keyframes.append(Keyframe(_parse_number(parts[0]), _parse_number(parts[1], _UNSIGNED_RE)))
-            except ValueError:
-                raise ValueError(
-                    f"keyframe '{segment.strip()}' of schedule '{text.strip()}' is not weight@step"
-                    " (a number, @, a step >= 0)"
-                ) from None
-        return cls(tuple(keyframes))
-
-    @property
-    def is_constant(self) -> bool:
-        return len(self.keyframes) == 1
-
-    def value_at(self, step: int, total_steps: int) -> float:
-        """The weight at 0-based ``step`` of a pass of ``total_steps`` steps."""
-        if self.is_constant:
-            return self.keyframes[0].weight
-        one_is_fraction = all(keyframe.step <= 1 for keyframe in self.keyframes)
-        points = sorted(
-            ((_position(k.step, total_steps, one_is_fraction), k.weight) for k in self.keyframes),
-            key=lambda point: point[0],
-        )
-        before = [point for point in points if point[0] <= step]
-        after = [point for point in points if point[0] > step]
-        if not before:
-            return points[0][1]
-        (left_step, left_weight), right = before[-1], (after[0] if after else None)
-        if right is None:
-            return left_weight
-        right_step, right_weight = right
-        return left_weight + (right_weight - left_weight) * (step - left_step) / (right_step - left_step)
-
-    def __str__(self) -> str:
-        if self.is_constant:
-            return format_number(self.keyframes[0].weight)
-        return ",".join(f"{format_number(k.weight)}@{format_number(k.step)}" for k in self.keyframes)
-
-
-ONE = Schedule.constant(1.0)
+_MAX_BLOCK_TOKENS = 64  # 26 blocks and NOT: a longer list is no block list
+_NOT_PRESET_CHAR_RE = re.compile(r"[^\w.+\-]")
+_PRESET_LIKE_RE = re.compile(r"[A-Z][A-Z0-9_.]*")
+_RANGE_DASH_RE = re.compile(r"(?<![eE])-")  # the '-' of A-B, not of an exponent (1e-3)
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------- the request
@@ -249,9 +142,9 @@ class LoraRequest:
 
 def active_at(request: LoraRequest, step: int, total_steps: int) -> bool:
     """Whether start/stop let the LoRA act at 0-based ``step`` of a pass: step in [start, stop)."""
-    if request.start is not None and step < _position(request.start, total_steps):
+    if request.start is not None and step < step_position(request.start, total_steps):
         return False
-    return request.stop is None or step < _position(request.stop, total_steps)
+    return request.stop is None or step < step_position(request.stop, total_steps)
 
 
 @dataclass(frozen=True)
@@ -260,79 +153,119 @@ class ParseResult:
     warnings: tuple[str, ...] = ()
 
 
+# ----------------------------------------------------------------------------- names
+
+
+def _printable(text: str) -> str:
+    """``text`` shortened, with control characters written as ``\\uXXXX`` (for messages)."""
+    return _CONTROL_RE.sub(lambda match: f"\\u{ord(match.group()):04x}", clip(text))
+
+
+def format_name(name: str) -> str:
+    """A LoRA name as it must be written in a prompt (quoted when it contains ``:`` or starts with ``"``)."""
+    return f'"{name}"' if ":" in name or name.startswith('"') else name
+
+
 # ----------------------------------------------------------------------------- value parsers
 # Each takes the value text and returns the parsed value or raises ValueError with the problem.
 
 
 def _parse_dyn(text: str) -> int:
-    match = _INT_RE.fullmatch(text)
-    if match is None or int(match.group(1)) < 1:
-        raise ValueError(f"dyn '{text.strip()}' is not a whole number >= 1")
-    return int(match.group(1))
+    digits = text.strip()
+    digits = digits[1:] if digits.startswith("+") else digits
+    if not digits.isdecimal() or len(digits) > 9 or int(digits) < 1:
+        raise ValueError(f"dyn {quote(text)} is not a whole number from 1 to 999999999")
+    return int(digits)
 
 
 def _parse_step_value(text: str) -> float:
     try:
-        return _parse_number(text, _UNSIGNED_RE)
+        return parse_number(text, unsigned=True)
     except ValueError:
-        raise ValueError(f"'{text.strip()}' is not a step (a number >= 0; below 1 a fraction of the steps)") from None
+        raise ValueError(f"{quote(text)} is not a step (a number >= 0; below 1 a fraction of the steps)") from None
 
 
 def _parse_step_range(text: str) -> tuple[Optional[float], Optional[float]]:
-    match = _STEP_RANGE_RE.fullmatch(text)
-    if match is None or match.group(1) is None and match.group(2) is None:
-        raise ValueError(f"step '{text.strip()}' is not a range A-B of steps such as 5-20")
-    return tuple(None if end is None else _parse_step_value(end) for end in match.groups())
+    dash = _RANGE_DASH_RE.search(text)
+    ends = (text[:dash.start()], text[dash.end():]) if dash is not None else ()
+    try:
+        if not ends or not any(end.strip() for end in ends):
+            raise ValueError
+        return tuple(_parse_step_value(end) if end.strip() else None for end in ends)
+    except ValueError:
+        raise ValueError(f"step {quote(text)} is not a range A-B of steps such as 5-20") from None
 
 
 def _normalise_lbw_value(token: str) -> str:
     token = token.strip()
-    special = _LBW_SPECIAL_RE.fullmatch(token)
-    if special is not None:
-        return re.sub(r"\s+", "", special.group(1)).upper()
-    _parse_number(token)
+    letter = token[:1].upper()
+    if letter in ("R", "U") and len(token) == 1:
+        return letter
+    if letter == "X":
+        offset = token[1:].strip()
+        if not offset:
+            return "X"
+        sign, number = offset[0], offset[1:].strip()
+        if sign not in "+-" or number.startswith(("+", "-")):
+            raise ValueError(f"{quote(token)} is not a number")
+        parse_number(number, unsigned=True)
+        return f"X{sign}{number}".upper()
+    parse_number(token)
     return token
 
 
 def _parse_lbw(text: str) -> str:
     text = text.strip()
     if "," not in text:
-        if _NUMBER_RE.fullmatch(text):
-            raise ValueError(f"lbw '{text}' is one number: give a preset name or a list of 12, 17, 20 or 26 weights")
-        if not re.fullmatch(r"[\w.+\-]+", text):
-            raise ValueError(f"lbw '{text}' is neither a preset name (letters, digits, _ . + -) nor a list of weights")
+        try:
+            parse_number(text)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"lbw {quote(text)} is one number: give a preset name or a list of 12, 17, 20 or 26 weights")
+        if _NOT_PRESET_CHAR_RE.search(text):
+            raise ValueError(f"lbw {quote(text)} is neither a preset name (letters, digits, _ . + -) nor a list of weights")
         return text
-    tokens = text.split(",")
-    if len(tokens) not in LBW_LENGTHS:
-        raise ValueError(f"lbw has {len(tokens)} values; a block-weight list needs 12, 17, 20 or 26")
+    count = text.count(",") + 1
+    if count not in LBW_LENGTHS:
+        raise ValueError(f"lbw has {count:,} values; a block-weight list needs 12, 17, 20 or 26")
     try:
-        return ",".join(_normalise_lbw_value(token) for token in tokens)
+        return ",".join(_normalise_lbw_value(token) for token in text.split(","))
     except ValueError as error:
         raise ValueError(f"lbw value {error}; values are numbers, R, U, X, X+n or X-n") from None
 
 
-def _is_block_spec(text: str) -> bool:
+def _block_tokens(text: str) -> list[str]:
     tokens = text.split()
-    if tokens and tokens[0].upper() == "NOT":
-        tokens = tokens[1:]
-    return all(_BLOCK_TOKEN_RE.fullmatch(token) for token in tokens)
+    return tokens[1:] if tokens and tokens[0].upper() == "NOT" else tokens
+
+
+def _looks_like_block_spec(text: str) -> bool:
+    """Whether ``text`` is a list of block ids."""
+    tokens = _block_tokens(text)
+    return len(tokens) <= _MAX_BLOCK_TOKENS and all(_BLOCK_TOKEN_RE.fullmatch(token) for token in tokens)
 
 
 def _parse_lbwe_directive(text: str) -> str:
     parts = text.split(":")
     if len(parts) != 3:
-        raise ValueError(f"lbwe directive '{text.strip()}' is not BLOCKS:ELEMENTS:RATIO")
+        raise ValueError(f"lbwe directive {quote(text)} is not BLOCKS:ELEMENTS:RATIO")
     blocks, elements, ratio = (" ".join(part.split()) for part in parts)
-    if not _is_block_spec(blocks):
+    tokens = _block_tokens(blocks)
+    if len(tokens) > _MAX_BLOCK_TOKENS:
+        raise ValueError(f"lbwe blocks {quote(blocks)} are {len(tokens):,} block ids; there are 26")
+    unknown = next((token for token in tokens if not _BLOCK_TOKEN_RE.fullmatch(token)), None)
+    if unknown is not None:
         raise ValueError(
-            f"lbwe blocks '{blocks}' are not block ids (BASE, IN00, M00, OUT11, ranges IN04-OUT05, leading NOT)"
+            f"lbwe blocks {quote(blocks)}: {quote(unknown)} is not a block id or range (BASE, IN00..IN11, M00,"
+            " OUT00..OUT11, ranges IN04-OUT05, leading NOT)"
         )
     if "=" in elements:
-        raise ValueError(f"lbwe elements '{elements}' contain '='")
+        raise ValueError(f"lbwe elements {quote(elements)} contain '='")
     try:
-        _parse_number(ratio)
+        parse_number(ratio)
     except ValueError:
-        raise ValueError(f"lbwe ratio '{ratio}' is not a number") from None
+        raise ValueError(f"lbwe ratio {quote(ratio)} is not a number") from None
     return f"{blocks.upper()}:{elements}:{ratio}"
 
 
@@ -340,18 +273,9 @@ def _parse_lbwe(text: str) -> str:
     text = text.replace("\n", ",").strip()
     if ":" not in text:
         if "," in text:
-            raise ValueError(f"lbwe '{text}' is neither one preset name nor BLOCKS:ELEMENTS:RATIO directives")
+            raise ValueError(f"lbwe {quote(text)} is neither one preset name nor BLOCKS:ELEMENTS:RATIO directives")
         return text
     return ",".join(_parse_lbwe_directive(d) for d in text.split(",") if d.strip())
-
-
-def _lbwe_needs_more(value: str) -> bool:
-    """Whether an lbwe value is an unfinished inline directive that A1111 split on ':'."""
-    last = value.replace("\n", ",").rsplit(",", 1)[-1]
-    colons = last.count(":")
-    if colons == 0:  # a preset name, or the BLOCKS of a directive (surely so after a first directive)
-        return ":" in value or _is_block_spec(last)
-    return colons == 1
 
 
 # ----------------------------------------------------------------------------- item parsing
@@ -374,17 +298,44 @@ def _as_text(item: object) -> str:
 
 
 def _take_name(texts: list[str]) -> tuple[str, int]:
-    """The name and the index of the first item after it; ValueError for an unclosed quote."""
-    joined = texts[0].strip()
-    if not joined.startswith('"'):
-        return joined, 1
-    end = 0
-    while not (len(joined) >= 2 and joined.endswith('"')):
-        end += 1
-        if end == len(texts):
-            raise ValueError(f"the quoted name {texts[0].strip()} has no closing quote")
-        joined = f"{joined}:{texts[end]}".strip()
-    return joined[1:-1].strip(), end + 1
+    """The name and the index of the first item after it; ValueError for an unclosed quote.
+
+    A quoted name runs to the first item that ends with ``"``; the items are joined as written, so the
+    white space inside the quotes is kept (only the ends of the name are stripped).
+    """
+    first = texts[0].strip()
+    if not first.startswith('"'):
+        return first, 1
+    if len(first) >= 2 and first.endswith('"'):
+        return first[1:-1].strip(), 1
+    for end in range(1, len(texts)):
+        if texts[end].rstrip().endswith('"'):
+            return ":".join(texts[:end + 1]).strip()[1:-1].strip(), end + 1
+    raise ValueError(f"the quoted name {quote(texts[0])} has no closing quote")
+
+
+def _last_directive(text: str) -> str:
+    return text.replace("\n", ",").rsplit(",", 1)[-1]
+
+
+def _lbwe_needs_more(last: str, value_has_colon: bool) -> bool:
+    """Whether an lbwe value whose last directive is ``last`` is unfinished (A1111 split it on ':')."""
+    colons = last.count(":")
+    if colons == 0:  # a preset name, or the BLOCKS of a directive (surely so after a first directive)
+        return value_has_colon or _looks_like_block_spec(last)
+    return colons == 1
+
+
+def _lbwe_end(texts: list[str], index: int) -> int:
+    """The index of the last item of the inline lbwe value that starts at ``texts[index]`` (``lbwe=...``)."""
+    value = texts[index].partition("=")[2]
+    last, has_colon = _last_directive(value), ":" in value
+    while _lbwe_needs_more(last, has_colon) and index + 1 < len(texts) and "=" not in texts[index + 1]:
+        index += 1
+        piece = texts[index]
+        last = _last_directive(piece) if ("," in piece or "\n" in piece) else f"{last}:{piece}"
+        has_colon = True
+    return index
 
 
 def _split_items(texts: list[str]) -> list[_Item]:
@@ -395,14 +346,15 @@ def _split_items(texts: list[str]) -> list[_Item]:
         if "=" not in text:
             items.append(_Item(None, text, text))
         else:
-            key, _, value = text.partition("=")
-            key = key.strip().lower()
-            if _KEY_ALIASES.get(key, key) == "lbwe":
-                while _lbwe_needs_more(value) and index + 1 < len(texts) and "=" not in texts[index + 1]:
-                    index += 1
-                    value = f"{value}:{texts[index]}"
-                text = f"{text.partition('=')[0]}={value}"
-            items.append(_Item(_KEY_ALIASES.get(key, key), value, text))
+            written_key, _, value = text.partition("=")
+            key = written_key.strip().lower()
+            key = _KEY_ALIASES.get(key, key)
+            if key == "lbwe":
+                end = _lbwe_end(texts, index)
+                text = ":".join(texts[index:end + 1])
+                value = text.partition("=")[2]
+                index = end
+            items.append(_Item(key, value, text))
         index += 1
     return items
 
@@ -416,30 +368,41 @@ class _Collector:
     def __init__(self, label: str):
         self.label = label
         self.warnings: list[str] = []
+        self.unlisted = 0
         self.fatal = False
         self.values: dict[str, _Item] = {}
 
     def warn(self, item_text: Optional[str], problem: str, outcome: str) -> None:
-        where = f"{self.label}: item '{item_text}'" if item_text is not None else self.label
+        if len(self.warnings) >= MAX_WARNINGS:
+            self.unlisted += 1
+            return
+        where = f"{self.label}: item {quote(item_text)}" if item_text is not None else self.label
         self.warnings.append(f"{where}: {problem}; {outcome}")
 
     def skip(self, item_text: Optional[str], problem: str) -> None:
         self.fatal = True
         self.warn(item_text, problem, "the LoRA is skipped")
 
+    def all_warnings(self) -> tuple[str, ...]:
+        if not self.unlisted:
+            return tuple(self.warnings)
+        outcome = "the LoRA is skipped" if self.fatal else "the LoRA is kept"
+        return (*self.warnings, f"{self.label}: {self.unlisted:,} more problems, not listed; {outcome}")
+
     def sort(self, items: list[_Item]) -> None:
         positional = [item for item in items if item.key is None]
         for index, item in enumerate(positional):
-            if index >= len(_POSITIONAL_KEYS):
+            if index < len(_POSITIONAL_KEYS):
+                if item.value.strip():
+                    self.values[_POSITIONAL_KEYS[index]] = item
+            else:
                 self.warn(item.text, f"only {len(_POSITIONAL_KEYS)} positional values (TE:UNET:DYN) are read", "ignored")
-            elif item.value.strip():
-                self.values[_POSITIONAL_KEYS[index]] = item
         named: dict[str, _Item] = {}
         for item in items:
             if item.key is None:
                 continue
             if item.key not in _KNOWN_KEYS:
-                self.warn(item.text, f"unknown key '{item.key}' (known: {', '.join(_KNOWN_KEYS)}, w)", "ignored")
+                self.warn(item.text, f"unknown key {quote(item.key)} (known: {', '.join(_KNOWN_KEYS)}, w)", "ignored")
             elif not item.value.strip():
                 self.warn(item.text, "empty value", "ignored")
             else:
@@ -465,7 +428,7 @@ class _Collector:
         step_text = self.values["step"].text if "step" in self.values else None
         for key, explicit, from_range in (("start", start, range_start), ("stop", stop, range_stop)):
             if explicit is not None and from_range is not None:
-                self.warn(self.values[key].text, f"'{step_text}' also sets {key}", "step= wins")
+                self.warn(self.values[key].text, f"{quote(step_text)} also sets {key}", "step= wins")
         return (start if range_start is None else range_start), (stop if range_stop is None else range_stop)
 
 
@@ -474,14 +437,14 @@ def _weight(text: str) -> Schedule:
         return Schedule.parse(text)
     except ValueError as error:
         if _looks_like_block_weights(text):
-            raise ValueError(f"{error} (block weights go in lbw={text.strip()})") from None
+            raise ValueError(f"{error} (block weights go in lbw={clip(text.strip())})") from None
         raise
 
 
 def _looks_like_block_weights(text: str) -> bool:
     """An LBW preset name (upper case, as LBW's are) or list where a weight was expected."""
     if "," not in text:
-        return re.fullmatch(r"\s*[A-Z][A-Z0-9_.]*\s*", text) is not None
+        return _PRESET_LIKE_RE.fullmatch(text.strip()) is not None
     try:
         _parse_lbw(text)
     except ValueError:
@@ -489,8 +452,15 @@ def _looks_like_block_weights(text: str) -> bool:
     return True
 
 
+def _too_many_items(count: int, first: str) -> ParseResult:
+    return ParseResult(None, (f"<lora:{_printable(first.strip())}:…>: the tag has {count:,} items (values between"
+                              f" ':'); a LoRA tag has at most {MAX_ITEMS}; the LoRA is skipped",))
+
+
 def parse_lora_items(items: Sequence[str]) -> ParseResult:
     """The items of one ``<lora:...>`` (its text split on ':') -> ParseResult. Never raises."""
+    if len(items) > MAX_ITEMS:
+        return _too_many_items(len(items), _as_text(items[0]))
     texts = [_as_text(item) for item in items]
     raw = ":".join(texts)
     if not texts:
@@ -498,8 +468,8 @@ def parse_lora_items(items: Sequence[str]) -> ParseResult:
     try:
         name, first = _take_name(texts)
     except ValueError as error:
-        return ParseResult(None, (f"<lora:{raw}>: {error}; the LoRA is skipped",))
-    collector = _Collector(f'LoRA "{name}"' if name else f"<lora:{raw}>")
+        return ParseResult(None, (f"<lora:{_printable(raw)}>: {error}; the LoRA is skipped",))
+    collector = _Collector(f'LoRA "{_printable(name)}"' if name else f"<lora:{_printable(raw)}>")
     if not name:
         collector.skip(None, "no LoRA name")
     collector.sort(_split_items(texts[first:]))
@@ -512,17 +482,17 @@ def parse_lora_items(items: Sequence[str]) -> ParseResult:
     dyn = collector.get("dyn", _parse_dyn)
     lbw = collector.get("lbw", _parse_lbw)
     lbwe = collector.get("lbwe", _parse_lbwe)
-    x = collector.get("x", _parse_number, 1.0)
+    x = collector.get("x", parse_number, 1.0)
     start, stop = collector.start_stop()
     if start is not None and stop is not None and not collector.fatal:
         _warn_if_never_active(collector, start, stop)
     if collector.fatal:
-        return ParseResult(None, tuple(collector.warnings))
+        return ParseResult(None, collector.all_warnings())
     request = LoraRequest(
         name=name, te=te, unet=unet, dyn=dyn, lbw=lbw, lbwe=lbwe, x=x,
         start=start, stop=stop, hr_te=hr_te, hr_unet=hr_unet, raw=raw,
     )
-    return ParseResult(request, tuple(collector.warnings))
+    return ParseResult(request, collector.all_warnings())
 
 
 def _warn_if_never_active(collector: _Collector, start: float, stop: float) -> None:
@@ -530,23 +500,33 @@ def _warn_if_never_active(collector: _Collector, start: float, stop: float) -> N
         collector.warn(None, f"start {format_number(start)} is not before stop {format_number(stop)}", "it never acts")
 
 
+def parse_tag(text: str) -> ParseResult:
+    """The text of one tag (between ``<lora:`` and ``>``) -> ParseResult; a tag of too many items is refused
+    before it is split."""
+    count = text.count(":") + 1
+    if count > MAX_ITEMS:
+        return _too_many_items(count, text.partition(":")[0])
+    return parse_lora_items(text.split(":"))
+
+
 def parse_prompt(prompt: str) -> list[tuple[str, ParseResult]]:
-    """Every ``<lora:...>``/``<lyco:...>`` of a raw prompt, as (the tag text, its ParseResult)."""
-    if not isinstance(prompt, str):
-        return []
-    return [
-        (match.group(0), parse_lora_items(match.group(2).split(":")))
-        for match in EXTRA_NETWORK_RE.finditer(prompt)
-        if match.group(1) in NETWORK_TYPES
-    ]
+    """Every ``<lora:...>``/``<lyco:...>`` of a raw prompt, as (the tag text, its ParseResult).
+
+    At most :data:`MAX_TAGS` tags are read; when there are more, the list ends with the next one, skipped with a
+    warning that says so, and the rest of the prompt is not searched.
+    """
+    found = []
+    for tag in find_tags(prompt):
+        text = prompt[tag.start:tag.end]
+        if len(found) == MAX_TAGS:
+            found.append((text, ParseResult(None, (f"{_printable(text)}: a prompt may have at most {MAX_TAGS} LoRA"
+                                                   " tags; this one and every one after it are skipped",))))
+            break
+        found.append((text, parse_tag(tag.text)))
+    return found
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def format_name(name: str) -> str:
-    """A LoRA name as it must be written in a prompt (quoted when it contains ``:``)."""
-    return f'"{name}"' if ":" in name or name.startswith('"') else name
 
 
 def format_request(request: LoraRequest, network: str = "lora") -> str:

@@ -13,7 +13,7 @@ from lora_core.analysis import (
     percent_summary, percent_table, select_blocks, split_target, with_block_weights, with_weight,
 )
 from lora_core.blocks import BLOCK_IDS_12, BLOCK_IDS_17, BLOCK_IDS_20, BLOCK_IDS_26, BlockWeights, PresetBook
-from lora_core.syntax import Schedule, parse_lora_items
+from lora_core.syntax import MAX_TAGS, Schedule, parse_lora_items
 
 WEIGHTS_OF = BlockWeights(PresetBook.default()).weights_of
 
@@ -43,6 +43,15 @@ def test_edit_every_or_first_lora_and_missing_lora():
         edit_loras(prompt, half, "c")
     with pytest.raises(LookupError):
         edit_loras("no loras <lora:a:abc>", half)  # a malformed tag is not edited
+
+
+def test_lora_tags_are_the_tags_the_runtime_applies():
+    # the same tags A1111 finds (none after the last '>'), and only those that parse (here: not a tag of more
+    # items than a LoRA tag may have, which the runtime skips)
+    prompt = "<lora:a:1> <lora:b" + ":" * 1000 + "> <lyco:d:0.5> <lora:e:1" + "<lora:" * 1000
+    assert [(tag.network, tag.request.name) for tag in lora_tags(prompt)] == [("lora", "a"), ("lyco", "d")]
+    many = "".join(f"<lora:a{i}:1>" for i in range(MAX_TAGS + 5))
+    assert [tag.request.name for tag in lora_tags(many)] == [f"a{i}" for i in range(MAX_TAGS)]
 
 
 def test_edited_tag_parses_back_to_the_edited_request():

@@ -363,7 +363,7 @@ def test_bad_block_weights_say_what_is_wrong(family, items, message, request):
 def test_bad_lists_and_directives_say_what_is_wrong():
     with pytest.raises(ValueError, match="has 5 values; it needs 12, 17, 20 or 26"):
         parse_weights("1,1,1,1,1")
-    with pytest.raises(ValueError, match="block weight 3: 'Q' is not a number, R, U, X"):
+    with pytest.raises(ValueError, match="block weight 3: 'Q' is not a number; values are numbers, R, U, X"):
         parse_weights("1,1,Q," + ",".join(["1"] * 14))
     with pytest.raises(ValueError, match="is not BLOCKS:ELEMENTS:RATIO"):
         parse_directives("IN05:attn")

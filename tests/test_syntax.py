@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_core.schedule import parse_number
 from lora_core.syntax import (
     Keyframe,
     LoraRequest,
     ParseResult,
     Schedule,
     active_at,
+    MAX_ITEMS,
+    MAX_TAGS,
+    MAX_WARNINGS,
     format_number,
     format_request,
     parse_lora_items,
     parse_prompt,
 )
+from lora_core.tags import find_tags
 
 C = Schedule.constant
 
@@ -68,6 +74,9 @@ ACCEPTED = [
     ('"a:b":0.5', dict(name="a:b", te=C(0.5))),
     ('" spaced ":1', dict(name="spaced")),
     ('  plain  :1', dict(name="plain")),
+    ('"a : b":1', dict(name="a : b", te=C(1))),  # white space inside the quotes is kept, also before a ':'
+    ('"x":1', dict(name="x")),
+    ('""x":1', dict(name='"x')),
     # LBW
     ("name:1:1:lbw=MIDD:stop=12", dict(te=C(1), unet=C(1), lbw="MIDD", stop=12.0, start=None)),
     ("name:w=OUTD", dict(lbw="OUTD")),
@@ -90,6 +99,7 @@ ACCEPTED = [
     ("name:start=5:stop=10", dict(start=5.0, stop=10.0)),
     ("name:step=5-10", dict(start=5.0, stop=10.0)),
     ("name:step=0.25-0.75", dict(start=0.25, stop=0.75)),
+    ("name:step=1e-1-2E+1", dict(start=0.1, stop=20.0)),  # the '-' of an exponent is not the range's
     ("name:step=5-", dict(start=5.0, stop=None)),
     ("name:step=-10", dict(start=None, stop=10.0)),
     ("name:stop=0.5", dict(stop=0.5)),
@@ -166,10 +176,15 @@ SKIPPED = [
     ("name:hr=abc", "'abc' is not a weight"),
     ("name:hrte=1@", "keyframe '1@'"),
     ("name:hrunet=x", "'x' is not a weight"),
+    ("name:dyn=" + "9" * 5000, "dyn '999"),
+    ("name:step=1-2-3", "step '1-2-3'"),
+    ("name:lbw=" + LIST17[:-1] + "X+-1", "'X+-1' is not a number"),
+    ("name:lbw=" + LIST17[:-1] + "RR", "'RR' is not a number"),
+    ("name:" + ",".join(["1@0"] * 300), "has 300 keyframes; at most 256"),
 ]
 
 
-@pytest.mark.parametrize("text, problem", SKIPPED, ids=[c[0] for c in SKIPPED])
+@pytest.mark.parametrize("text, problem", SKIPPED, ids=[c[0][:40] for c in SKIPPED])
 def test_malformed_values_skip_the_lora_with_a_warning_naming_item_and_problem(text, problem):
     result = parse(text)
     assert result.request is None
@@ -219,6 +234,32 @@ def test_ignorable_items_keep_the_lora_with_one_warning_each(text, expected, pro
 def test_empty_item_list():
     result = parse_lora_items([])
     assert result.request is None and "no LoRA name" in result.warnings[0]
+
+
+def test_a_tag_of_too_many_items_is_skipped_with_one_warning():
+    result = parse_lora_items(["name", *[""] * 500_000])
+    assert result.request is None
+    assert result.warnings == (f"<lora:name:…>: the tag has 500,001 items (values between ':'); "
+                               f"a LoRA tag has at most {MAX_ITEMS}; the LoRA is skipped",)
+    [(tag, from_prompt)] = parse_prompt("a cat <lora:name" + ":" * 500_000 + ">")
+    assert from_prompt == result
+    assert parse_lora_items(["name", "1", *[""] * (MAX_ITEMS - 5)]).request is not None
+
+
+def test_warnings_are_capped_per_lora_and_the_rest_counted():
+    result = parse("name:" + ":".join(["te=x"] * 20))  # 19 times 'given again later', then the value is bad
+    assert result.request is None
+    assert len(result.warnings) == MAX_WARNINGS + 1
+    assert all("given again later" in w for w in result.warnings[:-1])
+    assert result.warnings[-1] == f'LoRA "name": {20 - MAX_WARNINGS} more problems, not listed; the LoRA is skipped'
+    kept = parse("name:1:1:8" + ":" * 20)
+    assert kept.request is not None and len(kept.warnings) == MAX_WARNINGS + 1
+    assert kept.warnings[-1] == f'LoRA "name": {20 - MAX_WARNINGS} more problems, not listed; the LoRA is kept'
+
+
+def test_messages_quote_at_most_a_short_piece_of_a_long_item():
+    result = parse("name:" + "x" * 100_000)
+    assert result.request is None and len(result.warnings) == 1 and len(result.warnings[0]) < 300
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -344,6 +385,18 @@ def test_parse_prompt_finds_lora_and_lyco_tags_in_order():
     assert found[2][1].request is None and found[2][1].warnings
 
 
+def test_parse_prompt_reads_at_most_max_tags_and_says_so():
+    prompt = "".join(f"<lora:a{i}:1> " for i in range(MAX_TAGS + 50))
+    found = parse_prompt(prompt)
+    assert len(found) == MAX_TAGS + 1
+    assert [r.request.name for _, r in found[:-1]] == [f"a{i}" for i in range(MAX_TAGS)]
+    tag, last = found[-1]
+    assert tag == f"<lora:a{MAX_TAGS}:1>" and last.request is None
+    assert last.warnings == (f"<lora:a{MAX_TAGS}:1>: a prompt may have at most {MAX_TAGS} LoRA tags; this one and"
+                             " every one after it are skipped",)
+    assert len(parse_prompt(prompt[:prompt.index(f"<lora:a{MAX_TAGS}:")])) == MAX_TAGS
+
+
 def test_parse_prompt_without_tags():
     assert parse_prompt("") == []
     assert parse_prompt("<lora:>") == []  # A1111's regex needs at least one character
@@ -354,8 +407,41 @@ def test_parse_prompt_without_tags():
 
 FRAGMENTS = ["<lora:", "<lyco:", ">", ":", "=", "@", "~", ",", ";", '"', " ", "-", ".", "0.5", "1", "12", "1e-1",
              "te", "unet", "dyn", "lbw", "w", "lbwe", "x", "start", "stop", "step", "hr", "hrte", "hrunet",
-             "MIDD", "IN05", "OUT05", "BASE", "NOT", "attn", "R", "U", "X", "X+0.2", "name", "\n"]
+             "MIDD", "IN05", "OUT05", "BASE", "NOT", "attn", "R", "U", "X", "X+0.2", "name", "\n", "\r", "<", "<a:",
+             "<hypernet:", "<LORA:", "é"]
 prompt_like = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
+A1111_RE = re.compile(r"<(\w+):([^>]+)>")  # modules/extra_networks.py, written here independently
+
+
+@examples(500)
+@given(st.one_of(st.text(), prompt_like))
+def test_tags_are_found_exactly_as_a1111_finds_them(prompt):
+    expected = [(m.start(), m.end(), m.group(1), m.group(2)) for m in A1111_RE.finditer(prompt)
+                if m.group(1) in ("lora", "lyco")]
+    assert [(t.start, t.end, t.network, t.text) for t in find_tags(prompt)] == expected
+    assert [tag for tag, _ in parse_prompt(prompt)] == [prompt[start:end] for start, end, _, _ in expected]
+
+
+def test_find_tags_reads_nothing_after_the_last_close():
+    prompt = "<lora:a:1> <lora:b" + "<lora:" * 1000
+    assert [t.text for t in find_tags(prompt)] == ["a:1"]
+    assert list(find_tags(None)) == [] and list(find_tags("no tags")) == []
+
+
+NUMBER_SPEC = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")  # the grammar (quadratic as a regex)
+
+
+@examples(500)
+@given(st.one_of(st.text(alphabet="0123456789.eE+- \tx_", max_size=12), st.text(max_size=8)))
+def test_numbers_follow_their_grammar(text):
+    try:
+        value = parse_number(text)
+    except ValueError:
+        value = None
+    if NUMBER_SPEC.fullmatch(text) and math.isfinite(float(text.strip())):  # float() alone keeps '\x1f' at the ends
+        assert value == float(text.strip())
+    else:
+        assert value is None
 
 
 def check_result(result: ParseResult) -> None:
