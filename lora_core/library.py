@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence, TypeVar
 from .errors import AmbiguousNameError, LoraFileError, LoraNotFoundError
 from .families import SdVersion, detect_sd_version
 from .io import LORA_SUFFIXES, model_hash, read_metadata
+from .syntax import name_problem
 
 T = TypeVar("T")
 
@@ -286,9 +287,13 @@ class LoraLibrary:
         raise LoraNotFoundError(name, self._close_matches(name, index))
 
     def prompt_name(self, entry: LoraEntry) -> str:
-        """The name to write into a prompt: the alias when it reaches only this file, else the file stem."""
+        """The name to write into a prompt: the alias when it reaches only this file, else the file stem.
+
+        An alias that no prompt can carry (``>``, a control character...: ``syntax.name_problem``) is passed over for
+        the stem; a stem that cannot be written is returned as it is (``syntax.format_name`` then refuses it).
+        """
         alias = entry.alias
-        if alias == entry.name or alias.lower() in RESERVED_NAMES:
+        if alias == entry.name or alias.lower() in RESERVED_NAMES or name_problem(alias) is not None:
             return entry.name
         return entry.name if alias.lower() in self._name_index().forbidden_aliases else alias
 

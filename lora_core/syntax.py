@@ -33,7 +33,8 @@ A1111's one-step lag is removed). ``step=A-B`` is ``start=A:stop=B``; either end
 Malformed input never raises; it produces a warning that names the LoRA, the item and the
 problem. The rule:
 
-- skipped (``request`` is None): no name, an unclosed quote, or a malformed value for a known
+- skipped (``request`` is None): no name, an unclosed quote, a name that cannot be written back
+  into a prompt (:func:`name_problem`), or a malformed value for a known
   key or position (weights, schedules, dyn, lbw, lbwe, x, start, stop, step). Such a value
   changes what the LoRA does, so applying it anyway would give an image the person did not ask
   for; every problem of the LoRA is reported, not only the first, up to :data:`MAX_WARNINGS`
@@ -49,6 +50,10 @@ problem. The rule:
 ``U``, ``X``, ``X+n``, ``X-n``); ``lbwe`` keeps an elemental preset name or inline directives
 ``BLOCKS:ELEMENTS:RATIO[,...]`` (these contain ``:``, so the items that A1111 split are joined
 back). Presets are resolved by the block-weight module, not here.
+
+Names. :func:`format_request` writes a request back as a tag that parses to an equal request; a name
+that no tag can carry (``>``, a control character, white space at either end, ``"`` before a ``:``
+of a quoted name) is refused with a ValueError that says why, and the parser skips such a name too.
 
 Every function here takes time linear in the length of its input (a pasted prompt may be megabytes).
 """
@@ -77,6 +82,7 @@ __all__ = [
     "format_number",
     "format_name",
     "format_request",
+    "name_problem",
     "parse_lora_items",
     "parse_prompt",
     "parse_tag",
@@ -161,8 +167,34 @@ def _printable(text: str) -> str:
     return _CONTROL_RE.sub(lambda match: f"\\u{ord(match.group()):04x}", clip(text))
 
 
+def name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be written into a prompt and read back the same, or None when it can."""
+    stripped = name.strip()
+    if not stripped:
+        return "the name is empty"
+    if ">" in name:
+        return "the name contains '>', which ends the tag"
+    control = _CONTROL_RE.search(name)
+    if control is not None:
+        code = ord(control.group())
+        if 0xD800 <= code <= 0xDFFF:
+            return f"the name contains U+{code:04X}, half of a surrogate pair (a file name that is not UTF-8?)"
+        return f"the name contains the control character U+{code:04X}"
+    if stripped != name:
+        return "the name begins or ends with white space, which reading a prompt drops"
+    if ":" in name and any(part.rstrip().endswith('"') for part in name.split(":")[:-1]):
+        return "the name contains '\"' before a ':', which would end its quotes early"
+    return None
+
+
 def format_name(name: str) -> str:
-    """A LoRA name as it must be written in a prompt (quoted when it contains ``:`` or starts with ``"``)."""
+    """A LoRA name as it must be written in a prompt (quoted when it contains ``:`` or starts with ``"``).
+
+    ValueError when no prompt can carry the name (:func:`name_problem` says why).
+    """
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f'the LoRA name "{_printable(name)}" cannot be written in a prompt: {problem}')
     return f'"{name}"' if ":" in name or name.startswith('"') else name
 
 
@@ -472,6 +504,8 @@ def parse_lora_items(items: Sequence[str]) -> ParseResult:
     collector = _Collector(f'LoRA "{_printable(name)}"' if name else f"<lora:{_printable(raw)}>")
     if not name:
         collector.skip(None, "no LoRA name")
+    elif (problem := name_problem(name)) is not None:
+        collector.skip(None, problem)
     collector.sort(_split_items(texts[first:]))
 
     te = collector.get("te", _weight, ONE)
@@ -530,7 +564,7 @@ def parse_prompt(prompt: str) -> list[tuple[str, ParseResult]]:
 
 
 def format_request(request: LoraRequest, network: str = "lora") -> str:
-    """A canonical ``<lora:...>`` that parses back to an equal request."""
+    """A canonical ``<lora:...>`` that parses back to an equal request; ValueError for a name no tag can carry."""
     parts = [format_name(request.name), str(request.te)]
     if request.unet != request.te:
         parts.append(str(request.unet))

@@ -191,6 +191,16 @@ def test_alias_equal_to_own_stem_in_other_case_resolves(tmp_path):
     assert library.resolve("Style").path == p and library.resolve("style").path == p
 
 
+def test_prompt_name_passes_over_an_alias_no_prompt_can_carry(tmp_path):
+    r = tmp_path / "Lora"
+    write_lora(r / "plain.safetensors", {"ss_output_name": "Nice Style"})
+    write_lora(r / "odd.safetensors", {"ss_output_name": "a>b"})  # '>' would end the tag
+    write_lora(r / "ctrl.safetensors", {"ss_output_name": "x\ny"})
+    library = library_of(r)
+    names = {entry.name: library.prompt_name(entry) for entry in library.entries}
+    assert names == {"plain": "Nice Style", "odd": "odd", "ctrl": "ctrl"}
+
+
 def test_names_never_reach_outside_the_roots(tmp_path, root):
     outside = write_lora(tmp_path / "outside" / "secret.safetensors")
     library = library_of(root)
