@@ -34,6 +34,7 @@ its Flux presets (61 values) are reported and not imported.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import random
 import re
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .errors import BlockWeightError
 from .io import temp_file
 from .model_index import ModelIndex, Target
 from .schedule import format_number, parse_number, quote
@@ -475,8 +477,10 @@ class _LayerScale:
 class BlockWeights:
     """The runtime's ``layer_scale_factory``: ``(request, network, index) -> LayerScale | None``.
 
-    Raises ValueError (the runtime then applies the LoRA without block weights and reports it) for an lbw
-    whose length does not fit the model, an unknown preset, a bad value or directive. Tables are cached per
+    Raises :class:`~lora_core.errors.BlockWeightError` (a ValueError) for an lbw whose length does not fit the
+    model, an unknown preset, a bad value, or a directive with an unknown block: the request cannot be applied as
+    written, so the runtime skips the LoRA and reports the error (as the parser does for a malformed item; a typo
+    such as ``lbw=MIDDD`` must not give a different image with no more than a note). Tables are cached per
     model index and per what they depend on (weights, directives, x), so an X/Y/Z sweep over other
     parameters reuses them; random (R/U) tables are cached for the current generation only: call
     :meth:`new_generation` with a seeded ``random.Random`` before each generation.
@@ -506,28 +510,29 @@ class BlockWeights:
             return parse_weights(lbw)
         preset = self.presets.get(lbw)
         if preset is None:
-            known = ", ".join(self.presets.names()) or "none"
-            raise ValueError(f"lbw preset '{lbw.strip()}' is not in the presets (known: {known})")
+            raise ValueError(_unknown("lbw preset", lbw, "the presets", self.presets.names()))
         return preset.weights
 
     def directives_of(self, lbwe: str | None) -> tuple[Directive, ...]:
-        """The Directives of an lbwe value (inline or an elemental preset name)."""
+        """The Directives of an lbwe value (inline or an elemental preset name); ValueError for an unknown preset."""
         if lbwe is None:
             return ()
         if ":" not in lbwe:
             text = self.elemental.get(lbwe.strip())
             if text is None:
-                known = ", ".join(self.elemental) or "none"
-                raise ValueError(f"lbwe preset '{lbwe.strip()}' is not in the elemental presets (known: {known})")
+                raise ValueError(_unknown("lbwe preset", lbwe, "the elemental presets", list(self.elemental)))
             lbwe = text
         return parse_directives(lbwe)
 
     def __call__(self, request: LoraRequest, network: Network, index: ModelIndex) -> LayerScale | None:
-        family = index.family
-        weights = self.weights_of(request.lbw)
-        directives = self.directives_of(request.lbwe)
-        if weights is not None and len(weights) not in _family_forms(family):
-            raise ValueError(_wrong_length(len(weights), family))
+        try:
+            family = index.family
+            weights = self.weights_of(request.lbw)
+            directives = self.directives_of(request.lbwe)
+            if weights is not None and len(weights) not in _family_forms(family):
+                raise ValueError(_wrong_length(len(weights), family))
+        except ValueError as error:
+            raise BlockWeightError(str(error)) from None
         if weights is None and not directives:
             return None
         uses_x = weights is not None and any(w.kind == "X" for w in weights)
@@ -539,6 +544,15 @@ class BlockWeights:
             plain = all(v == 1.0 for v in full.values()) and not directives
             tables[key] = None if plain else _LayerScale(index, full, directives)
         return tables[key]
+
+
+def _unknown(what: str, name: str, where: str, known: Sequence[str]) -> str:
+    """``what`` ``name`` is not in ``where``, with the closest known names (a typo is the usual cause)."""
+    name = name.strip()
+    by_folded = {k.casefold(): k for k in known}
+    close = [by_folded[m] for m in difflib.get_close_matches(name.casefold(), list(by_folded), n=3, cutoff=0.6)]
+    message = f"{what} {quote(name)} is not in {where} (known: {', '.join(known) or 'none'})"
+    return message + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
 
 
 def layer_scale_factory(presets: PresetBook | None = None, elemental: Mapping[str, str] | None = None,

@@ -31,6 +31,11 @@ class FamilyMismatchError(LoraError):
         )
 
 
+class BlockWeightError(LoraError, ValueError):
+    """An ``lbw``/``lbwe`` cannot be applied as written: an unknown preset or block, a bad value, or a list whose
+    length does not fit the loaded model. The LoRA is skipped rather than applied without its block weights."""
+
+
 class UnsupportedLayerError(LoraError):
     """An adapter's keys were found for a layer it cannot be applied to (type or shape)."""
 

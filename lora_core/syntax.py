@@ -31,20 +31,23 @@ keyframes at the same step make a jump (the later-written one holds from that st
 A1111's one-step lag is removed). ``step=A-B`` is ``start=A:stop=B``; either end may be left out.
 
 Malformed input never raises; it produces a warning that names the LoRA, the item and the
-problem. The rule:
+problem. One rule: an item that cannot be read as written skips the LoRA (``request`` is None),
+since applying the LoRA without it, or with a guess, gives an image the person did not ask for
+(a typo such as ``lbw=MIDDD`` or ``stpo=10`` would silently change the picture). Skipped:
 
-- skipped (``request`` is None): no name, an unclosed quote, a name that cannot be written back
-  into a prompt (:func:`name_problem`), or a malformed value for a known
-  key or position (weights, schedules, dyn, lbw, lbwe, x, start, stop, step). Such a value
-  changes what the LoRA does, so applying it anyway would give an image the person did not ask
-  for; every problem of the LoRA is reported, not only the first, up to :data:`MAX_WARNINGS`
-  warnings per LoRA and then one line with the number left out. Also skipped: a tag of more than
-  :data:`MAX_ITEMS` items, a schedule of more than ``MAX_KEYFRAMES``, and in :func:`parse_prompt`
-  every tag after the first :data:`MAX_TAGS` of a prompt (limits far above any real use, so that a
-  pasted megabyte is read in milliseconds).
-- item ignored (request kept): an unknown key (A1111 ignores those too), a key with an empty
-  value, a named key given twice (the later wins), positional items after DYN.
-- kept with a warning: start >= stop (never active).
+- no name, an unclosed quote, a name that cannot be written back into a prompt (:func:`name_problem`);
+- an unknown key (unlike A1111, which ignores those), a non-empty positional item after DYN;
+- a malformed value for a key or position (weights, schedules, dyn, lbw, lbwe, x, start, stop, step),
+  including an unknown block id in ``lbwe``; unknown ``lbw``/``lbwe`` presets are found when the
+  block-weight module resolves them, which raises, and the runtime then skips the LoRA the same way;
+- a tag of more than :data:`MAX_ITEMS` items, a schedule of more than ``MAX_KEYFRAMES``, and in
+  :func:`parse_prompt` every tag after the first :data:`MAX_TAGS` of a prompt (limits far above any
+  real use, so that a pasted megabyte is read in milliseconds).
+
+Every problem of a skipped LoRA is reported, not only the first, up to :data:`MAX_WARNINGS` warnings
+per LoRA and then one line with the number left out. Kept with a warning, since what they mean is
+clear: an empty item after DYN or a key with an empty value (the default), a named key given twice
+(the later wins, as in A1111), start/stop also set by step= (step= wins), start >= stop (never active).
 
 ``lbw`` keeps the preset name or the normalised list (12, 17, 20 or 26 values: numbers, ``R``,
 ``U``, ``X``, ``X+n``, ``X-n``); ``lbwe`` keeps an elemental preset name or inline directives
@@ -97,8 +100,10 @@ tags must not hold the WebUI for seconds, and no generation applies a hundred Lo
 MAX_WARNINGS = 8
 """Warnings listed per LoRA; the rest are counted in one more line."""
 
-_BLOCK_ID = r"(?:BASE|IN\d\d|M00|OUT\d\d)"
+_BLOCK_ID = r"(?:BASE|IN(?:0\d|1[01])|M00|OUT(?:0\d|1[01]))"
+_BLOCK_SHAPE = r"(?:BASE|IN\d\d|M\d\d|OUT\d\d)"
 _BLOCK_TOKEN_RE = re.compile(rf"{_BLOCK_ID}(?:-{_BLOCK_ID})?", re.IGNORECASE)
+_BLOCK_SHAPE_RE = re.compile(rf"{_BLOCK_SHAPE}(?:-{_BLOCK_SHAPE})?", re.IGNORECASE)
 _MAX_BLOCK_TOKENS = 64  # 26 blocks and NOT: a longer list is no block list
 _NOT_PRESET_CHAR_RE = re.compile(r"[^\w.+\-]")
 _PRESET_LIKE_RE = re.compile(r"[A-Z][A-Z0-9_.]*")
@@ -273,9 +278,9 @@ def _block_tokens(text: str) -> list[str]:
 
 
 def _looks_like_block_spec(text: str) -> bool:
-    """Whether ``text`` is a list of block ids."""
+    """Whether ``text`` is written like a list of block ids (which may still name blocks that do not exist)."""
     tokens = _block_tokens(text)
-    return len(tokens) <= _MAX_BLOCK_TOKENS and all(_BLOCK_TOKEN_RE.fullmatch(token) for token in tokens)
+    return len(tokens) <= _MAX_BLOCK_TOKENS and all(_BLOCK_SHAPE_RE.fullmatch(token) for token in tokens)
 
 
 def _parse_lbwe_directive(text: str) -> str:
@@ -427,14 +432,17 @@ class _Collector:
             if index < len(_POSITIONAL_KEYS):
                 if item.value.strip():
                     self.values[_POSITIONAL_KEYS[index]] = item
+            elif item.value.strip():
+                self.skip(item.text, f"only {len(_POSITIONAL_KEYS)} positional values (TE:UNET:DYN) are read;"
+                                     " name the others (key=value)")
             else:
-                self.warn(item.text, f"only {len(_POSITIONAL_KEYS)} positional values (TE:UNET:DYN) are read", "ignored")
+                self.warn(item.text, "empty item after DYN", "ignored")
         named: dict[str, _Item] = {}
         for item in items:
             if item.key is None:
                 continue
             if item.key not in _KNOWN_KEYS:
-                self.warn(item.text, f"unknown key {quote(item.key)} (known: {', '.join(_KNOWN_KEYS)}, w)", "ignored")
+                self.skip(item.text, f"unknown key {quote(item.key)} (known: {', '.join(_KNOWN_KEYS)}, w)")
             elif not item.value.strip():
                 self.warn(item.text, "empty value", "ignored")
             else:

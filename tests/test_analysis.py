@@ -47,8 +47,8 @@ def test_edit_every_or_first_lora_and_missing_lora():
 
 def test_lora_tags_are_the_tags_the_runtime_applies():
     # the same tags A1111 finds (none after the last '>'), and only those that parse (here: not a tag of more
-    # items than a LoRA tag may have, which the runtime skips)
-    prompt = "<lora:a:1> <lora:b" + ":" * 1000 + "> <lyco:d:0.5> <lora:e:1" + "<lora:" * 1000
+    # items than a LoRA tag may have, nor one with an unknown key, both skipped by the runtime)
+    prompt = "<lora:a:1> <lora:b" + ":" * 1000 + "> <lora:c:foo=1> <lyco:d:0.5> <lora:e:1" + "<lora:" * 1000
     assert [(tag.network, tag.request.name) for tag in lora_tags(prompt)] == [("lora", "a"), ("lyco", "d")]
     many = "".join(f"<lora:a{i}:1>" for i in range(MAX_TAGS + 5))
     assert [tag.request.name for tag in lora_tags(many)] == [f"a{i}" for i in range(MAX_TAGS)]
