@@ -171,7 +171,7 @@ class LoraRuntime:
         try:
             entry = self.resolve(request.name)
             network = self.load(entry)
-            scale = self._layer_scale(request, network, label, result)
+            scale = self._layer_scale(request, network)
         except (LoraError, ValueError) as e:
             result.errors.append(f"<lora:{label}>: {e}")
             return None
@@ -184,16 +184,13 @@ class LoraRuntime:
             result.notes.append(f"{entry.path}: {report.summary()}")
         return ActiveLora(request, entry, network, scale)
 
-    def _layer_scale(self, request: LoraRequest, network: Network, label: str,
-                     result: Activation) -> LayerScale | None:
-        """The request's block weights; bad ones (ValueError) are reported and the LoRA applies without them."""
+    def _layer_scale(self, request: LoraRequest, network: Network) -> LayerScale | None:
+        """The request's block weights. Bad ones (an unknown preset or block, a list of the wrong length) raise
+        ValueError: the LoRA is skipped with that error, like any other malformed item (a typo must not give an
+        image the person did not ask for)."""
         if self.layer_scale_factory is None or not (request.lbw or request.lbwe):
             return None
-        try:
-            return self.layer_scale_factory(request, network, self.index)
-        except ValueError as e:
-            result.errors.append(f"<lora:{label}>: {e}; applied without block weights")
-            return None
+        return self.layer_scale_factory(request, network, self.index)
 
     def resolve(self, name: str) -> LoraEntry:
         """The entry of a name; the folders are re-scanned once when the name is not known yet."""

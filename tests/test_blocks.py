@@ -418,8 +418,6 @@ def test_runtime_applies_lbw_and_survives_a_bad_one(fresh_sd1, tmp_path):
     assert_bitwise(fresh_sd1, original)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #21: runtime.py _layer_scale still applies such a LoRA without its "
-                                       "block weights; remove this mark with that change")
 @pytest.mark.parametrize("bad_item, problem", [
     ("lbw=MIDDD", "did you mean 'MIDD'"),  # a typo of a preset
     ("lbw=" + ",".join(["0"] * 12), "12 values but an SD1 model takes 17 or 26"),

@@ -94,7 +94,11 @@ def prompt_js(name: str, user_metadata: dict[str, Any]) -> str:
     """The JS expression the card's click inserts into the prompt."""
     weight = preferred_weight(user_metadata)
     weight_js = format_number(weight) if weight is not None else DEFAULT_WEIGHT_JS
-    prompt = f"{quote_js(f'<lora:{quote_lora_name(name)}:')} + {weight_js} + {quote_js('>')}"
+    try:
+        quoted = quote_lora_name(name)
+    except ValueError:  # a file stem with '>' or a control character: no prompt can name it, the card inserts nothing
+        return quote_js("")
+    prompt = f"{quote_js(f'<lora:{quoted}:')} + {weight_js} + {quote_js('>')}"
     activation = _text(user_metadata.get("activation text"))
     if activation:
         prompt += " + " + quote_js(" " + activation)
