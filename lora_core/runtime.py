@@ -25,7 +25,7 @@ from .merge import param_paths
 from .model_index import ModelIndex, Target
 from .network import Network, load_network
 from .patch import Patcher, PlanEntry
-from .syntax import LoraRequest, active_at, parse_lora_items
+from .syntax import MAX_TAGS, LoraRequest, active_at, parse_lora_items
 
 log = logging.getLogger("lora_core")
 
@@ -77,6 +77,7 @@ class LoraRuntime:
         self._hires = False
         self._applied_mode = "none"
         self._last_set: tuple | None = None  # (files, weights) of the last generation, for `auto`
+        self._rescanned = False  # the folders were re-scanned for an unknown name in this generation
 
     def set_bypass_budget(self, nbytes: int) -> None:
         """Bytes of full-size bypass deltas a generation may hold (and the size of the prepared-delta cache)."""
@@ -130,7 +131,11 @@ class LoraRuntime:
             result.errors.append("no model is loaded")
             return result
         active: list[ActiveLora] = []
-        for items in items_list:
+        self._rescanned = False
+        if len(items_list) > MAX_TAGS:
+            result.errors.append(f"{len(items_list)} LoRA tags in one prompt: the first {MAX_TAGS} are used, "
+                                 f"the other {len(items_list) - MAX_TAGS} are skipped")
+        for items in items_list[:MAX_TAGS]:
             found = self._prepare(items, result)
             if found is not None:
                 active.append(found)
@@ -193,10 +198,13 @@ class LoraRuntime:
         return self.layer_scale_factory(request, network, self.index)
 
     def resolve(self, name: str) -> LoraEntry:
-        """The entry of a name; the folders are re-scanned once when the name is not known yet."""
+        """The entry of a name; the folders are re-scanned (once per generation) when the name is not known yet."""
         try:
             return self.library.resolve(name)
         except LoraNotFoundError:
+            if self._rescanned:
+                raise
+            self._rescanned = True
             self.library.refresh()  # a file added since the last scan is found without a restart
             return self.library.resolve(name)
 
