@@ -54,7 +54,7 @@ class PreparedCache:
         return self.budget if self.limit is None else min(self.budget, self.limit(device))
 
     def get(self, adapter: Adapter, key: tuple, device: torch.device, compute: Callable[[], tuple[object, int]],
-            hold: bool = True, estimate: int = 0):
+            hold: bool = True, estimate: Callable[[], int] | None = None):
         device = torch.device(device)
         full_key = (id(adapter), *key, device)
         item = self._items.get(full_key)
@@ -64,7 +64,7 @@ class PreparedCache:
             return item[1]
         self.misses += 1
         limit = self.device_limit(device)
-        if not hold and estimate > limit:
+        if not hold and estimate is not None and estimate() > limit:
             return None
         value, nbytes = compute()
         if nbytes <= limit:
@@ -208,6 +208,8 @@ class BypassBuilder:
             dw, db = self.compute_dense(entry, device, dtype)
             return (dw, db), _nbytes((dw, db))
 
-        estimate = numel(self.index.weight_shape(entry.target)) * torch.empty((), dtype=dtype).element_size()
+        def estimate() -> int:  # only on a miss: a forced bypass beyond the budget looks the delta up per call
+            return numel(self.index.weight_shape(entry.target)) * torch.empty((), dtype=dtype).element_size()
+
         return self.cache.get(entry.adapter, ("dense", entry.dyn, dtype), device, compute, hold=hold,
                               estimate=estimate)

@@ -65,7 +65,8 @@ class MemoryPolicy:
     """Budgets per device for what bypass keeps there.
 
     ``budget(device, configured, held)`` is at most ``configured`` and at most ``share`` of what the device
-    could give beyond ``reserve`` bytes if we freed what we hold there (``held``): a cache never pushes a
+    could give beyond ``reserve`` bytes if we freed what we hold there (``held()``, asked only when the device is
+    read, once per generation): a cache never pushes a
     generation into running out of memory, and on a device that reports nothing the configured budget holds.
     Defaults: half of what is free beyond 1.5 GiB. On a 6 GB card with SD1.5 in fp16 (about 3.5 GB free) that
     is about 1 GiB; the built-in keeps nothing on the device at all.
@@ -80,17 +81,17 @@ class MemoryPolicy:
         """Read the devices again at the next use (free memory changes between generations)."""
         self._free.clear()
 
-    def free(self, device: torch.device, held: int = 0) -> int | None:
+    def free(self, device: torch.device, held: Callable[[], int] = lambda: 0) -> int | None:
         """What the device can give us this generation: its free bytes plus what we held there when it was read
         (``held``; read once per generation, so later growth of our caches is not counted twice); None if the
         device reports nothing."""
         device = torch.device(device)
         if device not in self._free:
             report = self.report(device)
-            self._free[device] = None if report is None else max(0, int(report.free)) + held
+            self._free[device] = None if report is None else max(0, int(report.free)) + held()
         return self._free[device]
 
-    def budget(self, device: torch.device, configured: int, held: int = 0) -> int:
+    def budget(self, device: torch.device, configured: int, held: Callable[[], int] = lambda: 0) -> int:
         free = self.free(device, held)
         if free is None or torch.device(device).type == "meta":
             return configured

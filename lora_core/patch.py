@@ -120,8 +120,13 @@ class Patcher:
     def device_budget(self, device: torch.device) -> int:
         """Bytes the caches may hold on ``device`` this generation: the configured budget, lowered to what the
         device can spare (``MemoryPolicy``; what the caches hold there now counts as spare)."""
-        held = self.cache.bytes_on(device) + self.context_memo.bytes_on(device)
-        return self.memory.budget(device, self.cache.budget, held)
+        return self.memory.budget(device, self.cache.budget,
+                                  lambda: self.cache.bytes_on(device) + self.context_memo.bytes_on(device))
+
+    def backed_up(self, name: str) -> bool:
+        """Whether the layer's originals are already in host memory (its weights hold a merge)."""
+        layer = self._layers.get(name)
+        return layer is not None and bool(layer.backups)
 
     def new_generation(self) -> None:
         """Free memory is read from the devices again at the next use."""
