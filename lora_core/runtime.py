@@ -272,8 +272,9 @@ class LoraRuntime:
         return mode, reason
 
     def _backup_bytes(self, active: list[ActiveLora]) -> int:
-        """Host bytes a merge of this set would back up (float8 layers stay in bypass; so do text encoders in
-        ``auto``): at most the touched weights and biases, counted once per layer."""
+        """Host bytes a merge of this set would add in backups (float8 layers stay in bypass; so do text encoders in
+        ``auto``; a layer that holds a merge already has its backup): at most the touched weights and biases,
+        counted once per layer."""
         te_bypass = self._te_mode() == "bypass"
         seen: set[str] = set()
         total = 0
@@ -282,7 +283,7 @@ class LoraRuntime:
                 if target.module in seen or target.module not in self.index.modules:
                     continue
                 seen.add(target.module)
-                if te_bypass and self.index.is_text_encoder(target):
+                if te_bypass and self.index.is_text_encoder(target) or self.patcher.backed_up(target.module):
                     continue
                 for owner, attr in param_paths(self.index.modules[target.module]).values():
                     t = getattr(owner, attr, None)

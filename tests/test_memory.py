@@ -331,3 +331,18 @@ def test_fp8_storage(world, mode):
     assert (got - want).abs().mean() < 0.2 * (plain - want).abs().mean()  # the LoRA is there
     assert_bitwise(root, original)
 
+
+def test_a_merged_set_is_not_counted_again_against_host_memory(world, monkeypatch):
+    """Its backups already occupy host memory (free memory excludes them): the same set a third time stays merged
+    even when the host has little left."""
+    root, index, tmp_path, inputs = world
+    original = snapshot(root)
+    runtime = LoraRuntime(LoraLibrary([tmp_path]))
+    runtime.bind(root)
+    runtime.activate([["lo", "1"]])
+    assert runtime.activate([["lo", "1"]]).mode == "merged"
+    monkeypatch.setattr("lora_core.runtime.host_bytes_free", lambda: (1 << 30) + (1 << 20))  # 1 MiB spare
+    result = runtime.activate([["lo", "1"]])
+    assert result.mode == "merged", result.reason
+    runtime.restore()
+    assert_bitwise(root, original)
