@@ -6,6 +6,7 @@ the set of disabled extensions is what tells the built-in Lora run from ours.
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
@@ -44,18 +45,38 @@ def checkpoint(webui: Path) -> Path:
     return webui / "models" / "Stable-diffusion" / os.environ.get("A1111_CKPT", "sd15-random.safetensors")
 
 
+_linked = 0  # nesting depth of extension_linked in this process
+
+
 @contextmanager
 def extension_linked(webui: Path) -> Iterator[None]:
-    """This checkout in the WebUI's extensions folder while the block runs (left alone if already there)."""
+    """This checkout in the WebUI's extensions folder while the block runs.
+
+    Several checkouts of this repository (git worktrees) may test against one WebUI: the block holds an
+    exclusive lock on the WebUI's extensions folder, and points the link at this checkout for its duration, so a
+    server never loads another checkout's code. Nested blocks in one process share the lock.
+    """
+    global _linked
     link = webui / "extensions" / EXTENSION_NAME
-    made = not link.exists()
-    if made:
-        link.symlink_to(ROOT)
+    lock = None
+    if _linked == 0:
+        lock = open(webui / "extensions" / ".lora-core-e2e.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for another checkout's run to finish
+    _linked += 1
+    made = False
     try:
+        if link.is_symlink() and link.resolve() != ROOT:
+            link.unlink()  # left by another checkout's run
+        if not link.exists():
+            link.symlink_to(ROOT)
+            made = True
         yield
     finally:
+        _linked -= 1
         if made and link.is_symlink():
             link.unlink()
+        if lock is not None:
+            lock.close()
 
 
 def free_port() -> int:
