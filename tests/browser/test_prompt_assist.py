@@ -170,6 +170,7 @@ def test_typing_a_tag_offers_names_and_enter_completes(page):
     type_into(page, "a cat, <lora:te")
     names = offered(page)
     assert "test_lora" in names and "test_lora_sdxl" not in names, names
+    assert "ink" not in names, names  # "te" is in ".safetensors", which is no part of a name
     shot(page, "completion.png", PROMPT, LIST)
     page.locator(f"{LIST} .lora-core-option", has_text="test_lora").first.wait_for()
     while page.locator(f"{LIST} .lora-core-option.selected").get_attribute("data-value") != "test_lora":
