@@ -43,7 +43,8 @@ CHECK = "#txt2img_prompt_lora_core_check"
 
 
 LORAS = [("test_lora", "test_lora"), ("test_loha", "test_loha"), ("test_lokr", "test_lokr"),
-         ("test_lora_sdxl", "test_lora_sdxl"), ("test_lora", "styles/ink")]  # (test bed file, ours)
+         ("test_lora_sdxl", "test_lora_sdxl"), ("test_lora", "styles/ink"), ("test_lokr", "set_on_card")]
+"""(test bed file, ours); set_on_card gets a card sidecar that says SDXL: the filter follows the card"""
 
 
 def place(source: Path, target: Path) -> None:
@@ -65,6 +66,7 @@ def server(tmp_path_factory):
     loras = data / "Lora"  # a LoRA folder of our own: the names offered do not depend on what else the test bed has
     for name, ours in LORAS:
         place(WEBUI / "models" / "Lora" / f"{name}.safetensors", loras / f"{ours}.safetensors")
+    (loras / "set_on_card.json").write_text(json.dumps({"sd version": "SDXL"}))
     server = WebUI(WEBUI, CKPT, [BUILTIN_NAME], tmp_path_factory.mktemp("browser"),
                    extra_args=["--data-dir", str(data), "--models-dir", str(WEBUI / "models"),
                                "--lora-dir", str(loras), "--lyco-dir-backcompat", str(data / "LyCORIS")])
@@ -159,7 +161,9 @@ def test_completions_route_respects_the_sd_version_filter(server):
     lists = server.get("/lora-core/v1/completions")
     names = [entry["name"] for entry in lists["names"]]
     assert {"test_lora", "test_loha", "test_lokr"} <= set(names)
-    assert "test_lora_sdxl" not in names and "test_lora_sdxl_full" not in names
+    assert "test_lora_sdxl" not in names and "set_on_card" not in names
+    status, answer = post_raw(server, b'{"prompt": "<lora:set_on_card:1>"}')  # hidden, but usable: an SD1 file
+    assert status == 200 and answer["items"][0]["status"] == "ok"
     assert "MIDD" in lists["lbw_presets"] and "lbw" in [entry["key"] for entry in lists["keys"]]
 
 
