@@ -524,15 +524,22 @@ class BlockWeights:
             lbwe = text
         return parse_directives(lbwe)
 
-    def __call__(self, request: LoraRequest, network: Network, index: ModelIndex) -> LayerScale | None:
+    def validate(self, request: LoraRequest, family: str | None) -> tuple[tuple[Weight, ...] | None,
+                                                                          tuple[Directive, ...]]:
+        """The request's weights and directives; BlockWeightError for an unknown preset or block, a bad value, or
+        (``family`` given) a list whose length that family does not take. Draws nothing (R/U stay unresolved)."""
         try:
-            family = index.family
             weights = self.weights_of(request.lbw)
             directives = self.directives_of(request.lbwe)
-            if weights is not None and len(weights) not in _family_forms(family):
+            if family is not None and weights is not None and len(weights) not in _family_forms(family):
                 raise ValueError(_wrong_length(len(weights), family))
         except ValueError as error:
             raise BlockWeightError(str(error)) from None
+        return weights, directives
+
+    def __call__(self, request: LoraRequest, network: Network, index: ModelIndex) -> LayerScale | None:
+        family = index.family
+        weights, directives = self.validate(request, family)
         if weights is None and not directives:
             return None
         uses_x = weights is not None and any(w.kind == "X" for w in weights)

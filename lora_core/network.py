@@ -17,7 +17,7 @@ import torch
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
 from .cost import LayerCost, has_low_rank_bypass, layer_cost, unet_levels
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
-from .io import open_lora
+from .io import LoraFile, open_lora
 from .keymap import detect_file_family, map_keys
 from .model_index import FAMILIES, ModelIndex, Target
 from .patch import PlanEntry
@@ -117,10 +117,7 @@ def load_network(path: str | PathLike, index: ModelIndex, name: str | None = Non
     with open_lora(path) as f:
         keys: Sequence[str] = list(f.keys())
         metadata = dict(f.metadata)
-        family = detect_file_family(keys, metadata, f.shape)
-        if family is not None and index.family in FAMILIES and family != index.family:
-            raise FamilyMismatchError(str(path), family, index.family)
-        keymap = map_keys(keys, index)
+        family, keymap = _fit(path, keys, metadata, f, index)
         report = MappingReport(unmatched=list(keymap.unmatched), unknown=list(keymap.unknown))
         adapters: dict[Target, Adapter] = {}
         for target, group in keymap.groups.items():
@@ -137,7 +134,32 @@ def load_network(path: str | PathLike, index: ModelIndex, name: str | None = Non
         embeddings = {emb: {vec: f.get(k) for vec, k in vecs.items()} for emb, vecs in keymap.embeddings.items()}
         report.used.extend(k for vecs in keymap.embeddings.values() for k in vecs.values())
     if not adapters and not embeddings:
-        example = (report.unmatched or report.unknown or list(report.problems.values()) or ["the file is empty"])[0]
-        raise KeyMappingError(f"{path}: none of its {len(keys)} keys fits a layer of the loaded "
-                              f"{index.family.upper()} model (e.g. {example})")
+        raise _nothing_fits(path, keys, index, report.unmatched or report.unknown or list(report.problems.values()))
     return Network(name, str(path), family, metadata, adapters, report, embeddings)
+
+
+def check_fit(path: str | PathLike, index: ModelIndex) -> None:
+    """What ``load_network`` finds from the file's header alone, without reading a weight: raises
+    FamilyMismatchError (a LoRA for another family), KeyMappingError (no key names a layer of this model) and
+    LoraFileError (an unreadable header), with the messages ``load_network`` gives. A file that passes may still
+    fail to load (a non-finite weight, shapes that do not fit): only loading finds those."""
+    path = Path(path)
+    with open_lora(path) as f:
+        keys = list(f.keys())
+        _, keymap = _fit(path, keys, dict(f.metadata), f, index)
+    if not keymap.groups and not keymap.embeddings:
+        raise _nothing_fits(path, keys, index, list(keymap.unmatched) or list(keymap.unknown))
+
+
+def _fit(path: Path, keys: Sequence[str], metadata: dict[str, str], f: LoraFile, index: ModelIndex):
+    """(the file's family, its keys mapped onto the model); FamilyMismatchError for a file of another family."""
+    family = detect_file_family(keys, metadata, f.shape)
+    if family is not None and index.family in FAMILIES and family != index.family:
+        raise FamilyMismatchError(str(path), family, index.family)
+    return family, map_keys(keys, index)
+
+
+def _nothing_fits(path: Path, keys: Sequence[str], index: ModelIndex, examples: Sequence[str]) -> KeyMappingError:
+    example = (list(examples) or ["the file is empty"])[0]
+    return KeyMappingError(f"{path}: none of its {len(keys)} keys fits a layer of the loaded "
+                           f"{index.family.upper()} model (e.g. {example})")

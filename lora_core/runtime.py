@@ -62,6 +62,16 @@ class Activation:
     notes: list[str] = field(default_factory=list)  # keys a file has that were not used (for the console)
 
 
+def too_many_tags(count: int) -> str:
+    """The error of a generation whose prompt has more than ``MAX_TAGS`` LoRA tags."""
+    return f"{count} LoRA tags in one prompt: the first {MAX_TAGS} are used, the other {count - MAX_TAGS} are skipped"
+
+
+def item_error(request: LoraRequest, problem: object) -> str:
+    """The error line of a LoRA that parsed but cannot be used (unknown name, unreadable file, bad block weights)."""
+    return f"<lora:{request.raw or request.name}>: {problem}"
+
+
 class LoraRuntime:
     def __init__(self, library: LoraLibrary, mode: str = "auto",
                  layer_scale_factory: LayerScaleFactory | None = None, bypass_budget: int = DEFAULT_BYPASS_BUDGET):
@@ -133,8 +143,7 @@ class LoraRuntime:
         active: list[ActiveLora] = []
         self._rescanned = False
         if len(items_list) > MAX_TAGS:
-            result.errors.append(f"{len(items_list)} LoRA tags in one prompt: the first {MAX_TAGS} are used, "
-                                 f"the other {len(items_list) - MAX_TAGS} are skipped")
+            result.errors.append(too_many_tags(len(items_list)))
         for items in items_list[:MAX_TAGS]:
             found = self._prepare(items, result)
             if found is not None:
@@ -172,17 +181,16 @@ class LoraRuntime:
         request = parsed.request
         if request is None:
             return None
-        label = request.raw or request.name
         try:
             entry = self.resolve(request.name)
             network = self.load(entry)
             scale = self._layer_scale(request, network)
         except (LoraError, ValueError) as e:
-            result.errors.append(f"<lora:{label}>: {e}")
+            result.errors.append(item_error(request, e))
             return None
         except Exception as e:  # a bug or an odd file must not stop the generation; say what it was
-            log.exception("lora-core: unexpected error preparing %s", label)
-            result.errors.append(f"<lora:{label}>: unexpected {type(e).__name__}: {e}")
+            log.exception("lora-core: unexpected error preparing %s", request.raw or request.name)
+            result.errors.append(item_error(request, f"unexpected {type(e).__name__}: {e}"))
             return None
         report = network.report
         if report.unmatched or report.unknown or report.unused or report.problems:
@@ -328,7 +336,7 @@ class LoraRuntime:
                 self.patcher.apply(self._plan(kept + [lora], step, total), mode, self._te_mode())
                 kept.append(lora)
             except LoraError as e:
-                result.errors.append(f"<lora:{lora.request.raw or lora.request.name}>: {e}")
+                result.errors.append(item_error(lora.request, e))
         if len(kept) == len(active):
             result.errors.append(str(first_error))
         self.patcher.apply(self._plan(kept, step, total), mode, self._te_mode())

@@ -72,6 +72,7 @@ from .tags import EXTRA_NETWORK_RE, NETWORK_TYPES, find_tags
 
 __all__ = [
     "EXTRA_NETWORK_RE",
+    "KNOWN_KEYS",
     "LBW_LENGTHS",
     "MAX_ITEMS",
     "MAX_TAGS",
@@ -318,7 +319,9 @@ def _parse_lbwe(text: str) -> str:
 # ----------------------------------------------------------------------------- item parsing
 
 _KEY_ALIASES = {"w": "lbw"}
-_KNOWN_KEYS = ("te", "unet", "dyn", "lbw", "lbwe", "x", "start", "stop", "step", "hr", "hrte", "hrunet")
+KNOWN_KEYS = ("te", "unet", "dyn", "lbw", "lbwe", "x", "start", "stop", "step", "hr", "hrte", "hrunet")
+"""The keys of named items (``w`` is another name for ``lbw``)."""
+_KNOWN_KEYS = KNOWN_KEYS
 _POSITIONAL_KEYS = ("te", "unet", "dyn")
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import re
 
 import gradio as gr
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from modules import extra_networks, script_callbacks, shared
 
-from lora_core import inspect
+from lora_core import assist, inspect
 from lora_core.errors import LoraError
 
 from . import analyzer, lbw_tab, state, tools_tab, xyz
@@ -123,6 +125,46 @@ def app_started(_demo, app: FastAPI) -> None:
             return inspect.describe(state.runtime(), name)
         except LoraError as e:
             raise HTTPException(status_code=404, detail=str(e)) from e
+
+    @app.post("/lora-core/v1/check")
+    async def check_prompt(request: Request):
+        """The live check of the prompt boxes: ``{"prompt": "...", "negative": false}`` -> per-tag spans, status and
+        the messages a generation would put in ``Lora errors``; a malformed body gets 400 and a message."""
+        body = await request.body()
+        status, answer = await run_in_threadpool(_check, body)
+        return JSONResponse(answer, status_code=status)
+
+    @app.get("/lora-core/v1/completions")
+    def completions():
+        """What completion offers: LoRA names (SD-version filter as on the cards), presets, keys."""
+        weights = state.block_weights()
+        return assist.completion_lists(
+            state.runtime().library, weights.presets.names(), list(weights.elemental),
+            prefer_filename=state.option("lora_preferred_name", "Alias from file") == "Filename",
+            hidden=_hidden_for_model())
+
+
+def _check(body: bytes):
+    state.block_weights()  # the presets file re-read if it changed, as a generation does
+    return assist.check_payload(state.checker(), body)
+
+
+def _hidden_for_model():
+    """The cards' SD-version filter for the model the runtime is bound to (None: show all)."""
+    from .cards import UNKNOWN, VERSION_LABELS, hidden_for_model
+
+    index = state.runtime().index
+    if state.option("lora_show_all", False) or index is None or index.family not in VERSION_LABELS:
+        return None
+    model_version = VERSION_LABELS[index.family]
+
+    def hidden(entry) -> bool:
+        sidecar = extra_networks.get_user_metadata(str(entry.path))  # the card's own choice wins, as on the cards
+        chosen = sidecar.get("sd version") if isinstance(sidecar, dict) else None
+        version = chosen if chosen in VERSION_LABELS.values() else VERSION_LABELS.get(entry.sd_version, UNKNOWN)
+        return hidden_for_model(version, model_version)
+
+    return hidden
 
 
 _LORA_NAME = re.compile(r"<lora:([^:>]+):")

@@ -6,6 +6,7 @@ import threading
 
 from modules import extensions, paths, shared
 
+from lora_core.assist import PromptChecker
 from lora_core.blocks import BlockWeights, PresetBook
 from lora_core.library import LoraLibrary
 from lora_core.runtime import LoraRuntime
@@ -13,6 +14,7 @@ from lora_core.runtime import LoraRuntime
 BUILTIN_NAME = "Lora"
 _lock = threading.Lock()
 _runtime: LoraRuntime | None = None
+_checker: PromptChecker | None = None
 _block_weights: BlockWeights | None = None
 _presets_stamp: tuple[float, int] | None = None
 
@@ -73,6 +75,16 @@ def runtime() -> LoraRuntime:
             _runtime = LoraRuntime(library, mode=option("lora_core_apply_mode", "auto"),
                                    layer_scale_factory=block_weights())
         return _runtime
+
+
+def checker() -> PromptChecker:
+    """The live check of the prompt boxes, over the one runtime."""
+    global _checker
+    current = runtime()
+    with _lock:
+        if _checker is None or _checker.runtime is not current:
+            _checker = PromptChecker(current)
+        return _checker
 
 
 def builtin_lora_active() -> bool:
