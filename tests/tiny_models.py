@@ -231,10 +231,10 @@ def _hijacked_open_clip(tower: dict) -> HijackedTextEncoder:
 
 # --- UNets ---------------------------------------------------------------------------------------
 
-def _sd_unet(context_dim: int, **kwargs: object) -> UNetModel:
-    """The SD1/SD2 UNet of v1-/v2-inference.yaml, tiny."""
+def _sd_unet(context_dim: int, in_channels: int = LATENT_CHANNELS, **kwargs: object) -> UNetModel:
+    """The SD1/SD2 UNet of v1-/v2-inference.yaml, tiny (``in_channels`` 9: inpainting, 8: instruct-pix2pix)."""
     return UNetModel(
-        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
+        image_size=32, in_channels=in_channels, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
         attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
         use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
         use_checkpoint=False, legacy=False, **kwargs,
@@ -259,11 +259,11 @@ def _context_per_block(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _sdxl_unet(context_dim: int, adm_in_channels: int, width: int = UNET_WIDTH, channel_mult=SDXL_CHANNEL_MULT,
-               head_channels: int = 16) -> UNetModel:
+               head_channels: int = 16, in_channels: int = LATENT_CHANNELS) -> UNetModel:
     """The UNet of sd_xl_base.yaml, tiny, from ldm's class (see the module docstring); ``bench/bench_engine.py``
     builds the real-size one with the real width, levels and head size."""
     unet = UNetModel(
-        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=width,
+        image_size=32, in_channels=in_channels, out_channels=LATENT_CHANNELS, model_channels=width,
         attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=channel_mult, num_head_channels=head_channels,
         use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=SDXL_DEPTH,
         context_dim=[context_dim] * SDXL_DEPTH, use_checkpoint=False, legacy=False,
@@ -316,10 +316,11 @@ def _finish(root: TinySDModel) -> TinySDModel:
 
 # --- builders -----------------------------------------------------------------------------------
 
-def build_sd1(seed: int = 0) -> TinySDModel:
-    """SD1.5: ldm UNet (v1-inference.yaml topology) + CLIP ViT-L text encoder (12 layers)."""
+def build_sd1(seed: int = 0, in_channels: int = LATENT_CHANNELS) -> TinySDModel:
+    """SD1.5: ldm UNet (v1-inference.yaml topology) + CLIP ViT-L text encoder (12 layers). ``in_channels`` 9 is
+    v1-inpainting-inference.yaml's UNet, 8 instruct-pix2pix's (latent + conditioning channels)."""
     torch.manual_seed(seed)
-    root = TinySDModel("sd1", _sd_unet(context_dim=CLIP_L["width"], num_heads=8))
+    root = TinySDModel("sd1", _sd_unet(context_dim=CLIP_L["width"], in_channels=in_channels, num_heads=8))
     root.cond_stage_model = _hijacked_clip_l()
     return _finish(root)
 
@@ -338,11 +339,12 @@ def sdxl_adm_in_channels() -> int:
     return OPEN_CLIP_BIGG["width"] + SIZE_EMBEDDERS * 2 * SIZE_EMBED_DIM
 
 
-def build_sdxl(seed: int = 0) -> TinySDModel:
-    """SDXL base: UNet of sd_xl_base.yaml + CLIP ViT-L (12 layers) and OpenCLIP ViT-bigG (32 layers)."""
+def build_sdxl(seed: int = 0, in_channels: int = LATENT_CHANNELS) -> TinySDModel:
+    """SDXL base: UNet of sd_xl_base.yaml + CLIP ViT-L (12 layers) and OpenCLIP ViT-bigG (32 layers); ``in_channels``
+    9 is the SDXL inpainting UNet."""
     torch.manual_seed(seed)
     context_dim = CLIP_L["width"] + OPEN_CLIP_BIGG["width"]
-    root = TinySDModel("sdxl", _sdxl_unet(context_dim, sdxl_adm_in_channels()))
+    root = TinySDModel("sdxl", _sdxl_unet(context_dim, sdxl_adm_in_channels(), in_channels=in_channels))
     embedders = [_hijacked_clip_l(), _hijacked_open_clip(OPEN_CLIP_BIGG)]
     embedders += [SizeEmbedder(SIZE_EMBED_DIM) for _ in range(SIZE_EMBEDDERS)]
     root.conditioner = Conditioner(embedders)
@@ -411,7 +413,7 @@ def make_inputs(root: TinySDModel, family: str | None = None, batch: int = 1, si
     size = size or DEFAULT_LATENT_SIZE[family]
     gen = torch.Generator().manual_seed(seed)
     inputs = {
-        "x": torch.randn(batch, LATENT_CHANNELS, size, size, generator=gen),
+        "x": torch.randn(batch, root.model.diffusion_model.in_channels, size, size, generator=gen),
         "timesteps": torch.randint(0, 1000, (batch,), generator=gen),
         "context": torch.randn(batch, CONTEXT_LENGTH, context_dim(root), generator=gen),
     }
