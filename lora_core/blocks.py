@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import BlockWeightError
+from .families import family_name
 from .io import temp_file
 from .model_index import ModelIndex, Target
 from .schedule import format_number, parse_number, quote
@@ -102,8 +103,9 @@ PROJDEEPOFF:IN05-OUT05:proj:0
 
 def _family_forms(family: str) -> dict[int, tuple[str, ...]]:
     forms = _FORMS.get(family)
-    if forms is None:
-        raise ValueError(f"block weights need an SD1, SD2 or SDXL model; the loaded model is '{family}'")
+    if forms is None:  # LBW has block maps for SD1/SD2 and SDXL base only (and Flux, which A1111 does not load)
+        raise ValueError(f"block weights need an SD1, SD2 or SDXL model: LoRA Block Weight defines no blocks for "
+                         f"{family_name(family)} (the loaded model)")
     return forms
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
 from .cost import LayerCost, has_low_rank_bypass, layer_cost, unet_levels
+from .families import family_name
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
 from .io import open_lora
 from .keymap import detect_file_family, map_keys
@@ -117,9 +118,10 @@ def load_network(path: str | PathLike, index: ModelIndex, name: str | None = Non
     with open_lora(path) as f:
         keys: Sequence[str] = list(f.keys())
         metadata = dict(f.metadata)
-        family = detect_file_family(keys, metadata, f.shape)
+        family = detect_file_family(keys, metadata, f.shape, index.family)
         if family is not None and index.family in FAMILIES and family != index.family:
-            raise FamilyMismatchError(str(path), family, index.family)
+            raise FamilyMismatchError(str(path), family, index.family, family_name(family),
+                                      family_name(index.family, index.variant))
         keymap = map_keys(keys, index)
         report = MappingReport(unmatched=list(keymap.unmatched), unknown=list(keymap.unknown))
         adapters: dict[Target, Adapter] = {}
@@ -139,5 +141,5 @@ def load_network(path: str | PathLike, index: ModelIndex, name: str | None = Non
     if not adapters and not embeddings:
         example = (report.unmatched or report.unknown or list(report.problems.values()) or ["the file is empty"])[0]
         raise KeyMappingError(f"{path}: none of its {len(keys)} keys fits a layer of the loaded "
-                              f"{index.family.upper()} model (e.g. {example})")
+                              f"{family_name(index.family, index.variant)} model (e.g. {example})")
     return Network(name, str(path), family, metadata, adapters, report, embeddings)
