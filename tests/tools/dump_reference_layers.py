@@ -1,4 +1,7 @@
-"""Write the golden name lists of A1111 v1.10.1 to ``tests/data/a1111_{sd15,sd2,sdxl}_{layers,modules}.txt``.
+"""Write the golden name lists of A1111 v1.10.1 to ``tests/data/a1111_{family}_{layers,modules}.txt``.
+
+Families: sd15, sd15_inpaint (9 input channels), sd15_pix2pix (8), sd2, sd2_v (768-v), sdxl, sdxl_inpaint,
+sdxl_refiner and sd3 (A1111's own ``modules/models/sd3``, SD3 medium's shapes).
 
 Run it with the Python of a real WebUI checkout, which has ldm, sgm, transformers and open_clip
 at the versions A1111 pins::
@@ -54,8 +57,23 @@ CLIP_L_TEXT_CONFIG = dict(
 
 FAMILIES = {
     "sd15": "configs/v1-inference.yaml",
+    "sd15_inpaint": "configs/v1-inpainting-inference.yaml",
+    "sd15_pix2pix": "configs/instruct-pix2pix.yaml",
     "sd2": "repositories/stable-diffusion-stability-ai/configs/stable-diffusion/v2-inference.yaml",
+    "sd2_v": "repositories/stable-diffusion-stability-ai/configs/stable-diffusion/v2-inference-v.yaml",
     "sdxl": "repositories/generative-models/configs/inference/sd_xl_base.yaml",
+    "sdxl_inpaint": "configs/sd_xl_inpaint.yaml",
+    "sdxl_refiner": "repositories/generative-models/configs/inference/sd_xl_refiner.yaml",
+    "sd3": "configs/sd3-inference.yaml",
+}
+
+# SD3 medium's shapes where A1111's BaseModel reads its configuration from the checkpoint (sd3_impls.BaseModel):
+# the patch embedding (depth 24 -> width 1536, patch 2), 192x192 positions, the pooled and the context widths.
+SD3_MEDIUM_SHAPES = {
+    "x_embedder.proj.weight": (1536, 16, 2, 2),
+    "pos_embed": (1, 36864, 1536),
+    "y_embedder.mlp.0.weight": (1536, 2048),
+    "context_embedder.weight": (1536, 4096),
 }
 
 
@@ -147,6 +165,49 @@ def build_sdxl(config_path: Path) -> nn.Module:
     return root
 
 
+def build_sd3(config_path: Path) -> nn.Module:
+    """A1111's SD3 (``modules/models/sd3``) as ``SD3Inferencer`` holds it: ``model`` (``BaseModel``, the MMDiT at
+    ``model.diffusion_model``) and ``text_encoders`` (``SD3Cond``: clip_g, clip_l, t5xxl). Its classes are
+    imported from the WebUI (after ``sd_models``, the import order the WebUI has), with the option that keeps T5
+    on, tokenizers that are not downloaded, every encoder placed on the meta device (A1111 passes
+    ``device="cpu"``) and the identity copied into CLIP-G's projection skipped (a meta tensor holds no data)."""
+    from modules import shared, options, shared_options
+    shared.opts = options.Options(shared_options.options_templates, shared_options.restricted_opts)
+    shared.opts.sd3_enable_t5 = True
+    from modules import sd_models  # noqa: F401  (sd_hijack before sd3, as the WebUI imports them)
+    import modules.models.sd3.sd3_cond as sd3_cond
+    import modules.models.sd3.sd3_impls as sd3_impls
+
+    class NoTokenizer:
+        @classmethod
+        def from_pretrained(cls, *args: object, **kwargs: object) -> "NoTokenizer":
+            return cls()
+
+        def __call__(self, *args: object, **kwargs: object) -> dict:
+            return {"input_ids": [0, 1]}
+
+    def on_meta(cls: type) -> Callable[..., nn.Module]:
+        def build(*args: object, **kwargs: object) -> nn.Module:
+            return cls(*args, **{**kwargs, "device": "meta"})
+        return build
+
+    copy = torch.Tensor.copy_
+    with contextlib.ExitStack() as stack:
+        for name, value in (("CLIPTokenizer", NoTokenizer), ("T5TokenizerFast", NoTokenizer),
+                            ("SD3Tokenizer", lambda: None)):
+            stack.enter_context(patched(sd3_cond, name, value))
+        for name in ("SDXLClipG", "SDClipModel", "T5XXLModel"):
+            stack.enter_context(patched(sd3_cond, name, on_meta(getattr(sd3_cond, name))))
+        stack.enter_context(patched(torch.Tensor, "copy_", lambda self, src, *a, **k:
+                                    self if self.is_meta else copy(self, src, *a, **k)))
+        prefix = "model.diffusion_model."
+        shapes = {prefix + k: torch.empty(v, device="meta") for k, v in SD3_MEDIUM_SHAPES.items()}
+        root = nn.Module()
+        root.model = sd3_impls.BaseModel(shift=3, state_dict=shapes, prefix=prefix, device="meta")
+        root.text_encoders = sd3_cond.SD3Cond()
+    return root
+
+
 def layer_lines(root: nn.Module) -> list[str]:
     return [f"{name}\t{type(module).__name__}" for name, module in root.named_modules()
             if isinstance(module, TRACKED_TYPES)]
@@ -177,15 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     webui = args.webui.resolve()
-    for sub in ("", "repositories/stable-diffusion-stability-ai", "repositories/generative-models"):
+    args.out = args.out.resolve()
+    for sub in ("repositories/stable-diffusion-stability-ai", "repositories/generative-models"):
         sys.path.insert(0, str(webui / sub))
-    builders: dict[str, Callable[[Path], nn.Module]] = {"sd15": build_sd, "sd2": build_sd, "sdxl": build_sdxl}
+    sys.path.insert(0, str(webui))  # A1111's own `modules` (SD3, the pix2pix LatentDiffusion)
+    os.chdir(webui)  # A1111 resolves its data paths from the working folder
+    sys.argv = sys.argv[:1]  # A1111's option parser reads the command line
+    builders: dict[str, Callable[[Path], nn.Module]] = {
+        "sd15": build_sd, "sd15_inpaint": build_sd, "sd15_pix2pix": build_sd, "sd2": build_sd, "sd2_v": build_sd,
+        "sdxl": build_sdxl, "sdxl_inpaint": build_sdxl, "sdxl_refiner": build_sdxl, "sd3": build_sd3}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for family in args.family or sorted(FAMILIES):
         with offline_encoders(), torch.device("meta"):
             root = builders[family](webui / FAMILIES[family])
         source = [f"# from {FAMILIES[family]}; {versions()}", "# written by tests/tools/dump_reference_layers.py"]
+        conv_in = dict(root.named_modules()).get("model.diffusion_model.input_blocks.0.0")
+        if conv_in is not None:  # what tells an inpainting (9) or instruct-pix2pix (8) UNet from its base
+            source.append(f"# conv_in weight shape: {tuple(conv_in.weight.shape)}")
         for kind, what, lines in (
             ("layers", "layers the built-in Lora patches (name<TAB>type)", layer_lines(root)),
             ("modules", "every module of the UNet and the text encoders (name)", module_lines(root)),
