@@ -43,8 +43,11 @@ def resolve_module(name: str, index: ModelIndex) -> Target | None:
     target = index.lookup(name)
     if target is not None or not name.startswith("lora_unet_"):
         return target
-    convert = diffusers_sd3_to_mmdit if index.family == "sd3" else diffusers_unet_to_compvis
-    for candidate in convert(name[len("lora_unet_"):]):
+    if index.family == "sd3":
+        candidates = diffusers_sd3_to_mmdit(name[len("lora_unet_"):], lambda n: index.lookup(n) is not None)
+    else:
+        candidates = diffusers_unet_to_compvis(name[len("lora_unet_"):])
+    for candidate in candidates:
         target = index.lookup("lora_unet_" + candidate)
         if target is not None:
             return target

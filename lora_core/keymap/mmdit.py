@@ -5,11 +5,13 @@ separate ``to_q``/``to_k``/``to_v`` (image stream) and ``add_{q,k,v}_proj`` (tex
 fused ``attn.qkv`` Linear per stream, whose q/k/v rows the model index offers as ``..._attn_qkv_{q,k,v}_proj``
 (the built-in's ``diffusers_weight_mapping`` names them the same way). Not mapped, so reported as unmatched:
 ``norm_out.linear`` and the last block's ``norm1_context.linear``, whose shift and scale halves diffusers stores
-swapped (a delta there would land on the wrong half).
+swapped (a delta there would land on the wrong half). The last block is the one whose text stream is "pre-only":
+it has no ``context_block.attn.proj``.
 """
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 _BLOCK = re.compile(r"transformer_blocks_(\d+)_(.+)")
 _IN_BLOCK = {  # diffusers (underscored) -> MMDiT joint block part
@@ -38,9 +40,13 @@ _OUTSIDE = {
 }
 
 
-def diffusers_sd3_to_mmdit(name: str) -> list[str]:
-    """Candidate MMDiT names (without ``lora_unet_``) for a diffusers SD3 transformer name; [] if none applies."""
+def diffusers_sd3_to_mmdit(name: str, exists: Callable[[str], bool]) -> list[str]:
+    """Candidate MMDiT names (without ``lora_unet_``) for a diffusers SD3 transformer name; [] if none applies.
+    ``exists(name)``: whether the model has that module (``lora_unet_`` name)."""
     m = _BLOCK.fullmatch(name)
+    if m and m[2] == "norm1_context_linear":  # the same layout as SAI's, except in the last (pre-only) block
+        pre_only = not exists(f"lora_unet_joint_blocks_{m[1]}_context_block_attn_proj")
+        return [] if pre_only else [f"joint_blocks_{m[1]}_context_block_adaLN_modulation_1"]
     if m:
         part = _IN_BLOCK.get(m[2])
         return [] if part is None else [f"joint_blocks_{m[1]}_{part}"]
