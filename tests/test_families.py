@@ -325,3 +325,50 @@ def test_inspect_names_the_family_and_the_variant(tmp_path):
 def test_block_weights_say_lbw_has_no_blocks_for_the_family(family):
     with pytest.raises(ValueError, match=f"defines no blocks for {family_name(family)}"):
         block_ids(family)
+
+
+# ---------------------------------------------------------------- the built-in's own mapping, run in the WebUI
+def builtin_keymap(family: str) -> dict[str, str]:
+    """file module -> what the built-in Lora's ``networks.load_network`` matched it to on the real model ('-': none),
+    written by ``tools/dump_reference_layers.py`` with the WebUI's own code."""
+    text = (DATA / f"a1111_{family}_builtin_keymap.txt").read_text()
+    return dict(line.split("\t") for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _file_key(module: str) -> str:
+    return f"{module}.lora_A.weight" if module.startswith("transformer.") else f"{module}.lora_down.weight"
+
+
+def _target_text(target: Target) -> str:
+    return target.module if target.part is None else f"{target.module}[{target.part}]"
+
+
+#: where ours maps what the built-in leaves unmatched, per family: name pattern of the file module
+BEYOND_BUILTIN = {
+    "sdxl": None,
+    "sdxl_refiner": r"lora_te2_",  # the refiner's bigG: the built-in looks for it as the second embedder
+    "sd3": r"lora_te[123]_|transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj",  # text encoders; the
+    # text stream's q/k/v (A1111's diffusers map names them with a stray dot)
+}
+
+
+@pytest.mark.parametrize("family", sorted(BEYOND_BUILTIN))
+def test_ours_agrees_with_the_builtins_own_mapping(family):
+    expected = builtin_keymap(family)
+    index = ModelIndex(tiny_models.BUILDERS[family]())  # the same layer names as the real model (tested above)
+    ours = {}
+    for module in expected:  # one name at a time: a file names each layer once (here two namings name each)
+        groups = map_keys([_file_key(module)], index).groups
+        if groups:
+            ours[module] = _target_text(next(iter(groups)))
+    builtin_matched = {m: t for m, t in expected.items() if t != "-"}
+    assert {m: ours.get(m) for m in builtin_matched} == builtin_matched
+    beyond = {m: t for m, t in ours.items() if m not in builtin_matched}
+    pattern = BEYOND_BUILTIN[family]
+    assert all(re.match(pattern, m) for m in beyond) if pattern else not beyond
+    # what neither maps is only what the real model does not have (the last SD3 block's text-stream projection)
+    neither = {m for m in expected if m not in ours}
+    assert neither == ({f"transformer.transformer_blocks.{tiny_models.SD3_DEPTH - 1}.attn.add_out_proj.0"}
+                       if family == "sd3" else set())
+    if pattern:
+        assert len(beyond) == sum(1 for m, t in expected.items() if t == "-") - len(neither)

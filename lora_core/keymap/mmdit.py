@@ -23,6 +23,7 @@ _IN_BLOCK = {  # diffusers (underscored) -> MMDiT joint block part
     "attn_add_k_proj": "context_block_attn_qkv_k_proj",
     "attn_add_v_proj": "context_block_attn_qkv_v_proj",
     "attn_to_add_out": "context_block_attn_proj",
+    "attn_add_out_proj_0": "context_block_attn_proj",  # the name A1111's own diffusers_weight_mapping gives it
     "ff_net_0_proj": "x_block_mlp_fc1",
     "ff_net_2": "x_block_mlp_fc2",
     "ff_context_net_0_proj": "context_block_mlp_fc1",

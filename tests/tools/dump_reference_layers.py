@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -165,16 +166,22 @@ def build_sdxl(config_path: Path) -> nn.Module:
     return root
 
 
+def webui_modules() -> None:
+    """Import the WebUI's ``modules`` as the WebUI does: options first (with SD3's T5 on), then ``sd_models``."""
+    from modules import shared, options, shared_options
+    if shared.opts is None:
+        shared.opts = options.Options(shared_options.options_templates, shared_options.restricted_opts)
+        shared.opts.sd3_enable_t5 = True
+    from modules import sd_models  # noqa: F401  (sd_hijack before sd3 and the Lora extension)
+
+
 def build_sd3(config_path: Path) -> nn.Module:
     """A1111's SD3 (``modules/models/sd3``) as ``SD3Inferencer`` holds it: ``model`` (``BaseModel``, the MMDiT at
     ``model.diffusion_model``) and ``text_encoders`` (``SD3Cond``: clip_g, clip_l, t5xxl). Its classes are
     imported from the WebUI (after ``sd_models``, the import order the WebUI has), with the option that keeps T5
     on, tokenizers that are not downloaded, every encoder placed on the meta device (A1111 passes
     ``device="cpu"``) and the identity copied into CLIP-G's projection skipped (a meta tensor holds no data)."""
-    from modules import shared, options, shared_options
-    shared.opts = options.Options(shared_options.options_templates, shared_options.restricted_opts)
-    shared.opts.sd3_enable_t5 = True
-    from modules import sd_models  # noqa: F401  (sd_hijack before sd3, as the WebUI imports them)
+    webui_modules()
     import modules.models.sd3.sd3_cond as sd3_cond
     import modules.models.sd3.sd3_impls as sd3_impls
 
@@ -206,6 +213,101 @@ def build_sd3(config_path: Path) -> nn.Module:
         root.model = sd3_impls.BaseModel(shift=3, state_dict=shapes, prefix=prefix, device="meta")
         root.text_encoders = sd3_cond.SD3Cond()
     return root
+
+
+# ----------------------------------------------------------------------------- the built-in's own key mapping
+KEYMAP_FAMILIES = ("sdxl", "sdxl_refiner", "sd3")
+_OPEN_CLIP_AS_HF = (("mlp.c_fc", "mlp_fc1"), ("mlp.c_proj", "mlp_fc2"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"))
+
+
+def _unet_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in root.model.diffusion_model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield name, module
+
+
+def file_modules(root: nn.Module, family: str) -> list[tuple[str, tuple[int, ...]]]:
+    """LoRA module names as their writers name them, with the (out, in, *kernel) shape of the delta:
+    sd-scripts (``lora_unet_`` + the UNet's own path, ``lora_te1_``/``lora_te2_``/``lora_te3_`` + the text
+    encoder's transformers path, OpenCLIP written with transformers' names), A1111's own layer names
+    (``diffusion_model_...``) and, for SD3, the diffusers names of A1111's own ``diffusers_weight_mapping``."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for name, module in _unet_layers(root):
+        shape = tuple(module.weight.shape)
+        out.append(("lora_unet_" + name.replace(".", "_"), shape))
+        out.append(("diffusion_model_" + name.replace(".", "_"), shape))
+    if family == "sd3":
+        encoders = {"lora_te1_": root.text_encoders.clip_l.transformer, "lora_te2_": root.text_encoders.clip_g.transformer,
+                    "lora_te3_": root.text_encoders.t5xxl.transformer}
+        for prefix, encoder in encoders.items():
+            out += [(prefix + n.replace(".", "_"), tuple(m.weight.shape)) for n, m in encoder.named_modules()
+                    if isinstance(m, nn.Linear)]
+        width = root.model.diffusion_model.joint_blocks[0].x_block.attn.qkv.in_features
+        out += [(diffusers, (width, width)) for diffusers, _ in root.diffusers_weight_mapping()]
+        return out
+    embedders = [e.wrapped for e in root.conditioner.embedders if hasattr(e, "wrapped")]
+    prefixes = ("lora_te2_",) if family == "sdxl_refiner" else ("lora_te1_", "lora_te2_")
+    for prefix, embedder in zip(prefixes, embedders):
+        if hasattr(embedder, "transformer"):  # CLIP ViT-L (transformers)
+            out += [(prefix + n.replace(".", "_"), tuple(m.weight.shape))
+                    for n, m in embedder.transformer.named_modules() if isinstance(m, nn.Linear)]
+            continue
+        for i, block in enumerate(embedder.model.transformer.resblocks):  # OpenCLIP bigG, as sd-scripts names it
+            layer = f"{prefix}text_model_encoder_layers_{i}_"
+            d = block.attn.embed_dim
+            out += [(f"{layer}self_attn_{p}_proj", (d, d)) for p in ("q", "k", "v", "out")]
+            out += [(layer + "mlp_fc1", tuple(block.mlp.c_fc.weight.shape)),
+                    (layer + "mlp_fc2", tuple(block.mlp.c_proj.weight.shape))]
+    return out
+
+
+def builtin_keymap_lines(root: nn.Module, family: str, webui: Path, folder: Path) -> list[str]:
+    """``file module<TAB>A1111 module[part]`` (``-`` where the built-in matches nothing) as the built-in Lora's own
+    ``networks.load_network`` maps a rank-1 LoRA with every name of ``file_modules`` on this model."""
+    from types import MethodType, SimpleNamespace
+
+    from safetensors.torch import save_file
+    webui_modules()
+    from modules import shared
+    sys.path.insert(0, str(webui / "extensions-builtin" / "Lora"))
+    import networks
+
+    root.is_sdxl = family.startswith("sdxl")
+    if family == "sd3":
+        from modules.models.sd3.sd3_model import SD3Inferencer
+        root.diffusers_weight_mapping = MethodType(SD3Inferencer.diffusers_weight_mapping, root)
+        object.__setattr__(root, "cond_stage_model", root.text_encoders)  # SD3Inferencer's property
+    names = file_modules(root, family)
+    shared.sd_model = root
+    if hasattr(root, "network_layer_mapping"):
+        del root.network_layer_mapping
+    networks.assign_network_names_to_compvis_modules(root)
+    module_names = {id(m): n for n, m in root.named_modules()}
+    matched: dict[str, str] = {}
+    # one file per naming: two names of one layer in one file would share the built-in's entry for that layer
+    for naming in sorted({re.match(r"(lora_te\d_|lora_unet_|diffusion_model_|transformer\.)", n)[1] for n, _ in names}):
+        tensors = {}
+        for name, shape in names:
+            if not name.startswith(naming):
+                continue
+            down, up = ("lora_A", "lora_B") if naming == "transformer." else ("lora_down", "lora_up")
+            kernel = shape[2:]
+            tensors[f"{name}.{down}.weight"] = torch.zeros(1, shape[1], *kernel)
+            tensors[f"{name}.{up}.weight"] = torch.zeros(shape[0], 1, *([1] * len(kernel)))
+        path = folder / f"builtin_keymap_{family}.safetensors"
+        save_file(tensors, str(path))
+        net = networks.load_network(family, SimpleNamespace(filename=str(path)))
+        path.unlink()
+        for sd_key, module in net.modules.items():
+            target = module_names[id(module.sd_module)]
+            part = re.search(r"_([qkv])_proj$", sd_key)
+            if part and not target.endswith(("_proj", ".q", ".k", ".v")):
+                target += f"[{part[1]}]"
+            elif target.endswith(".out_proj") and isinstance(root.get_submodule(target[:-len(".out_proj")]),
+                                                             nn.MultiheadAttention):
+                target = target[:-len(".out_proj")] + "[out]"
+            matched[module.network_key.rsplit(".", 2)[0]] = target
+    return [f"{name}\t{matched.get(name, '-')}" for name, _ in names]
 
 
 def layer_lines(root: nn.Module) -> list[str]:
@@ -264,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             path = args.out / f"a1111_{family}_{kind}.txt"
             path.write_text("\n".join(header + lines) + "\n")
             print(f"{path}: {len(lines)} {kind}")
+        if family in KEYMAP_FAMILIES:
+            lines = builtin_keymap_lines(root, family, webui, args.out)
+            header = [f"# A1111 v1.10.1 {family}: file module<TAB>the layer the built-in Lora's own load_network "
+                      "maps it to ('-': none; [q] etc.: rows of a packed q/k/v weight)"] + source
+            path = args.out / f"a1111_{family}_builtin_keymap.txt"
+            path.write_text("\n".join(header + lines) + "\n")
+            print(f"{path}: {sum(not line.endswith('-') for line in lines)}/{len(lines)} names matched")
     return 0
 
 
