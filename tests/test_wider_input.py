@@ -102,3 +102,27 @@ def test_a_delta_of_another_width_is_still_refused(models, tmp_path):
     net = load_network(path, index)
     assert CONV_IN not in net.adapters
     assert "input_blocks.0.0" in next(iter(net.report.problems.values()))
+
+
+def test_merge_into_an_inpainting_checkpoint_pads_like_the_runtime(tmp_path):
+    """The checkpoint tool (merge-into) reads the 9-channel conv_in from the file and pads the same way."""
+    from safetensors.torch import load_file
+
+    from lora_core.patch import Patcher
+    from lora_core.tools.merge import merge_into
+    from test_tools import checkpoint_state
+
+    root = tiny_models.build_sd1(seed=4, in_channels=9)
+    index = ModelIndex(root)
+    ckpt = tmp_path / "inpaint.safetensors"
+    save_file(checkpoint_state(root), str(ckpt))
+    w0 = index.weight(CONV_IN).detach().clone()
+    lora = tmp_path / "loha.safetensors"
+    save_file({f"{NAME}.{k}": v.contiguous() for k, v in file_tensors("loha", (w0.shape[0], 4, 3, 3)).items()},
+              str(lora), metadata={"ss_base_model_version": "sd_v1"})
+    result = merge_into(ckpt, [f"{lora}:0.6"], tmp_path / "merged.safetensors", save_precision="fp32")
+    merged = load_file(str(result.saved.path))[f"{CONV_IN.module}.weight"]
+    with Patcher(index) as patcher:
+        patcher.apply(load_network(lora, index).plan(index, 0.6, 0.6), "merged")
+        assert torch.allclose(merged, index.weight(CONV_IN).detach(), atol=1e-6)
+    assert torch.equal(merged[:, 4:], w0[:, 4:]) and not torch.equal(merged[:, :4], w0[:, :4])
