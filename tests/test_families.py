@@ -250,16 +250,42 @@ def test_sd3_qkv_rows_follow_peft_in_both_modes(peft_sd3_file, sd3, m):
 
 
 # ---------------------------------------------------------------- the refiner's LoRAs
-def test_refiner_lora_applies_to_bigg_and_its_unet(refiner, tmp_path):
-    targets = [t for t in pick_targets(refiner, limit_per_kind=2)]
-    te = [t for t in targets if refiner.is_text_encoder(t)]
-    assert te and len(te) < len(targets)
-    sd = make_kohya_lora(refiner, targets, LoraSpec(rank=2))
-    assert any(k.startswith("lora_te2_") for k in sd) and not any(k.startswith("lora_te1_") for k in sd)
+@pytest.mark.parametrize("m", [1.0, -0.6])
+def test_refiner_lora_on_bigg_and_its_unet_in_both_modes(refiner, tmp_path, m):
+    """A refiner LoRA (te2 = bigG's q/k/v rows and out_proj, UNet layers of the refiner's own widths): each layer
+    computes ``W0 + m dW`` (dW by the independent float64 formula) in both modes, and is restored."""
+    from lora_factory import expected_delta
+    from test_lora_math import explicit_layer, layer_input, run_layer
+
+    mha = "conditioner.embedders.0.wrapped.model.transformer.resblocks.5.attn"
+    targets = [Target(mha, "k"), Target(mha, "out"),
+               Target("model.diffusion_model.input_blocks.7.1.transformer_blocks.2.attn2.to_k"),
+               Target("model.diffusion_model.output_blocks.9.0.in_layers.2")]
+    sd = make_kohya_lora(refiner, targets, LoraSpec(rank=2, alpha=1.0), seed=5)
+    assert {k.split(".")[0] for k in sd} == {"lora_te2_text_model_encoder_layers_5_self_attn_k_proj",
+                                            "lora_te2_text_model_encoder_layers_5_self_attn_out_proj",
+                                            "lora_unet_input_blocks_7_1_transformer_blocks_2_attn2_to_k",
+                                            "lora_unet_output_blocks_9_0_in_layers_2"}
     path = tmp_path / "refiner.safetensors"
     save_file(sd, str(path))
     net = load_network(path, refiner)
-    assert set(net.adapters) == set(targets) and not net.report.problems
+    assert set(net.adapters) == set(targets) and not net.report.problems and not net.report.unmatched
+    gen = torch.Generator().manual_seed(2)
+    for target in targets:  # one layer's file at a time (k and out share bigG's MultiheadAttention)
+        module = refiner.module(target)
+        name = next(k.split(".")[0] for k in sd if k.split(".")[0] in _names_of(refiner, target))
+        tensors = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        single = tmp_path / f"{name}.safetensors"
+        save_file({f"{name}.{k}": v for k, v in tensors.items()}, str(single))
+        dw = expected_delta(tensors, refiner.weight(target).detach())
+        args = layer_input(module, gen, torch.float32)
+        want = run_layer(explicit_layer(module, target, dw, m), args).detach()
+        assert_both_modes_give(refiner, load_network(single, refiner), target,
+                               lambda: run_layer(module, args).detach(), want, m, target)
+
+
+def _names_of(index: ModelIndex, target: Target) -> set[str]:
+    return {name for name, t in index.kohya_names() if t == target}
 
 
 # ---------------------------------------------------------------- the family of a file; another family's LoRA
