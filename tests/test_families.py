@@ -348,9 +348,21 @@ def test_inspect_names_the_family_and_the_variant(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sdxl_refiner", "sd3"])
-def test_block_weights_say_lbw_has_no_blocks_for_the_family(family):
-    with pytest.raises(ValueError, match=f"defines no blocks for {family_name(family)}"):
+def test_block_weights_say_lbw_has_no_blocks_for_the_family(family, tmp_path):
+    from lora_core.blocks import PresetBook, layer_scale_factory
+
+    message = f"defines no blocks for {family_name(family)}"
+    with pytest.raises(ValueError, match=message):
         block_ids(family)
+    root = tiny_models.BUILDERS[family]()
+    index = ModelIndex(root)
+    save_file(make_kohya_lora(index, pick_targets(index, limit_per_kind=1)), str(tmp_path / "a.safetensors"))
+    runtime = LoraRuntime(LoraLibrary([tmp_path]), layer_scale_factory=layer_scale_factory(PresetBook.default()))
+    runtime.bind(root)
+    assert runtime.activate([["a", "1"]]).active  # without block weights it applies
+    runtime.restore()
+    result = runtime.activate([["a", "1", "lbw=ALL"]])
+    assert result.active == [] and len(result.errors) == 1 and message in result.errors[0]
 
 
 # ---------------------------------------------------------------- the built-in's own mapping, run in the WebUI
