@@ -28,7 +28,7 @@ class FamilyMismatchError(LoraError):
         self.file_family = file_family
         self.model_family = model_family
         super().__init__(f"{self.path}: this LoRA is for {file_name or file_family.upper()}, the loaded model is "
-                         f"{model_name or model_family.upper()}; the LoRA was skipped")
+                         f"{model_name or model_family.upper()}")
 
 
 class BlockWeightError(LoraError, ValueError):
