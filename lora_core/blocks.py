@@ -3,7 +3,9 @@
 Compatible with hako-mikan's lora-block-weight (LBW); SPEC §2-§4.
 
 Blocks. SD1/SD2 have 26 (``BASE IN00..IN11 M00 OUT00..OUT11``), SDXL 20 (``BASE IN00..IN08 M00
-OUT00..OUT08``); the short forms (17 for SD1/SD2, 12 for SDXL) name the blocks with attention only.
+OUT00..OUT08``); the short forms (17 for SD1/SD2, 12 for SDXL) name the blocks with attention only. LBW defines
+no blocks for the SDXL refiner or SD3 (its lists are 12/17/20/26 values for SD1/SD2/SDXL, 61 for Flux): there
+``lbw=`` skips the LoRA with that message. Inpainting and instruct-pix2pix models have their base's blocks.
 A layer's block comes from its A1111 module name: ``...diffusion_model.input_blocks.{i}.`` -> IN{i:02d}
 (``input_blocks.0`` is the input conv: IN00), ``middle_block.`` -> M00, ``output_blocks.{i}.`` -> OUT{i:02d},
 every text-encoder module (both SDXL encoders, SD2's OpenCLIP) -> BASE. The UNet layers outside the blocks
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import BlockWeightError
+from .families import family_name
 from .io import temp_file
 from .model_index import ModelIndex, Target
 from .schedule import format_number, parse_number, quote
@@ -102,8 +105,9 @@ PROJDEEPOFF:IN05-OUT05:proj:0
 
 def _family_forms(family: str) -> dict[int, tuple[str, ...]]:
     forms = _FORMS.get(family)
-    if forms is None:
-        raise ValueError(f"block weights need an SD1, SD2 or SDXL model; the loaded model is '{family}'")
+    if forms is None:  # LBW has block maps for SD1/SD2 and SDXL base only (and Flux, which A1111 does not load)
+        raise ValueError(f"block weights need an SD1, SD2 or SDXL model: LoRA Block Weight defines no blocks for "
+                         f"{family_name(family)} (the loaded model)")
     return forms
 
 

@@ -12,6 +12,7 @@ from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .adapters.base import Adapter, Bypass, LayerOp, numel
 from .model_index import ModelIndex, Target
@@ -159,6 +160,27 @@ class ContextMemo:
         self._values.clear()
         self._last = None
         self.bytes = 0
+
+
+class RowsBypass:
+    """``h(x)`` of a target that is some output rows of its layer (q, k or v of SD3's fused qkv Linear): the
+    part's own output, placed in its rows of the layer's output."""
+
+    __slots__ = ("fn", "rows", "width")
+
+    def __init__(self, fn: Bypass, rows: slice, width: int):
+        self.fn, self.rows, self.width = fn, rows, width
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(self.fn(x), (self.rows.start, self.width - self.rows.stop))
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
+        view = out[..., self.rows]
+        add_to = getattr(self.fn, "add_to", None)
+        if add_to is not None:
+            add_to(view, x, m)
+        else:
+            view.add_(self.fn(x), alpha=m)
 
 
 #: the original weight or bias of a target as the model had it before any merge: ``original(target, what)``

@@ -20,15 +20,15 @@ class KeyMappingError(LoraError):
 
 
 class FamilyMismatchError(LoraError):
-    """A LoRA made for one model family (SD1/SD2/SDXL) was applied to another."""
+    """A LoRA made for one model family (SD1, SD2, SDXL, the SDXL refiner, SD3) was applied to another.
+    ``file_name`` and ``model_name`` are the families as a person reads them (``families.family_name``)."""
 
-    def __init__(self, path: str, file_family: str, model_family: str):
+    def __init__(self, path: str, file_family: str, model_family: str, file_name: str = "", model_name: str = ""):
         self.path = str(path)
         self.file_family = file_family
         self.model_family = model_family
-        super().__init__(
-            f"{self.path}: this LoRA is for {file_family.upper()} but the loaded model is {model_family.upper()}"
-        )
+        super().__init__(f"{self.path}: this LoRA is for {file_name or file_family.upper()}, the loaded model is "
+                         f"{model_name or model_family.upper()}")
 
 
 class BlockWeightError(LoraError, ValueError):

@@ -6,6 +6,7 @@ from typing import Any
 
 from .blocks import block_norms
 from .errors import LoraFileError
+from .families import family_name
 from .library import LoraEntry
 from .runtime import LoraRuntime
 
@@ -30,12 +31,15 @@ def describe(runtime: LoraRuntime, name: str) -> dict[str, Any]:
     if index is None:
         info["model_family"] = None
         return info
+    # the families as a person reads them: 'SDXL', 'SD1.x inpainting', 'SDXL refiner', 'SD3'
+    info.update(model_variant=index.variant, model_family_name=family_name(index.family, index.variant))
     network = runtime.load(entry)
     adapters = network.adapters
     te = sum(1 for t in adapters if index.is_text_encoder(t))
     report = network.report
     info.update(
         family=network.family,
+        family_name=family_name(network.family) if network.family else None,
         model_family=index.family,
         algorithms=network.algorithms(),
         # JSON object keys must be strings (the WebUI serialises with orjson, which refuses others)

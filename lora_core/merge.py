@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .model_index import MHA_PARTS, ModelIndex
+from .model_index import ModelIndex
 
 if TYPE_CHECKING:
     from .patch import PlanEntry
@@ -26,12 +26,10 @@ def bias_of(index: ModelIndex, target) -> torch.Tensor | None:
     if isinstance(module, nn.MultiheadAttention):
         if target.part == "out":
             return module.out_proj.bias
-        if module.in_proj_bias is None:
-            return None
-        d = module.embed_dim
-        i = MHA_PARTS.index(target.part)
-        return module.in_proj_bias[i * d:(i + 1) * d]
-    return getattr(module, "bias", None)
+        return None if module.in_proj_bias is None else module.in_proj_bias[index.rows(target)]
+    bias = getattr(module, "bias", None)
+    rows = index.rows(target)  # a q/k/v part of SD3's fused qkv Linear
+    return bias if bias is None or rows is None else bias[rows]
 
 
 def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanEntry"],
@@ -45,7 +43,7 @@ def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanE
     paths = param_paths(module)
     out: dict[str, torch.Tensor] = {}
 
-    def buffer(path: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    def buffer(path: str) -> torch.Tensor:
         if path not in out:
             owner, attr = paths[path]
             current = getattr(owner, attr)
@@ -53,9 +51,9 @@ def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanE
                 # fused adds view it as a matrix; writing it back restores the layout
                 out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True,
                                                 memory_format=torch.contiguous_format)
-            else:  # a bias the layer does not have yet
-                shape = (3 * module.embed_dim,) if path == "in_proj_bias" else like.shape
-                out[path] = torch.zeros(shape, dtype=torch.float32, device=device)
+            else:  # a bias the layer does not have yet: one value per output row of its weight
+                rows = 3 * module.embed_dim if path == "in_proj_bias" else owner.weight.shape[0]
+                out[path] = torch.zeros(rows, dtype=torch.float32, device=device)
         return out[path]
 
     for entry, m in zip(entries, multipliers):
@@ -64,15 +62,17 @@ def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanE
         target = entry.target
         base = index.weight(target).detach()
         db = entry.adapter.delta_bias(bias_of(index, target), device)
+        rows = index.rows(target)  # q/k/v rows of a packed weight (MultiheadAttention, SD3's fused qkv)
         if isinstance(module, nn.MultiheadAttention) and target.part != "out":
-            d = module.embed_dim
-            rows = slice(MHA_PARTS.index(target.part) * d, (MHA_PARTS.index(target.part) + 1) * d)
             weight_view = buffer("in_proj_weight")[rows]
             bias_view = None if db is None else buffer("in_proj_bias")[rows]
         else:
             prefix = "out_proj." if isinstance(module, nn.MultiheadAttention) else ""
             weight_view = buffer(prefix + "weight")
-            bias_view = None if db is None else buffer(prefix + "bias", db)
+            bias_view = None if db is None else buffer(prefix + "bias")
+            if rows is not None:  # rows of a contiguous matrix: contiguous, as add_delta wants
+                weight_view = weight_view[rows]
+                bias_view = None if bias_view is None else bias_view[rows]
         entry.adapter.add_delta(weight_view, base.to(device), m, entry.dyn)
         if db is not None:
             bias_view.add_(db.to(device), alpha=m)

@@ -6,7 +6,13 @@ A1111 v1.10 holds a Stable Diffusion model as one module tree:
 - SD2: ``cond_stage_model.wrapped.model.transformer.resblocks.*`` (OpenCLIP, q/k/v inside
   ``attn.in_proj_weight`` of an ``nn.MultiheadAttention``);
 - SDXL: ``conditioner.embedders.0.wrapped.transformer.*`` (CLIP-L) and
-  ``conditioner.embedders.1.wrapped.model.*`` (OpenCLIP bigG).
+  ``conditioner.embedders.1.wrapped.model.*`` (OpenCLIP bigG);
+- SDXL refiner: one text encoder, ``conditioner.embedders.0.wrapped.model.*`` (OpenCLIP bigG, which kohya and
+  diffusers call text encoder 2: ``lora_te2_``, ``text_encoder_2.``), and a UNet of other widths and blocks;
+- SD3 (``SD3Inferencer``): the MMDiT at ``model.diffusion_model.*`` (``joint_blocks.{i}.{x,context}_block``,
+  whose ``attn.qkv`` is one fused Linear: its q, k and v rows are targets of their own, as the built-in splits
+  them), text encoders ``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` (both
+  HF-CLIP layout: ``lora_te1_``, ``lora_te2_``) and ``text_encoders.t5xxl.transformer.*`` (``lora_te3_``).
 ``.wrapped`` is inserted by A1111's hijack; trees without it (a checkpoint as ldm builds it) are accepted too.
 
 The index is built once per loaded model (per instance: nothing here touches torch classes) and answers:
@@ -21,9 +27,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .families import FAMILIES
+
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)
 MHA_PARTS = ("q", "k", "v")
-FAMILIES = ("sd1", "sd2", "sdxl")
+#: SD3's fused attention input (A1111's ``QkvLinear``): rows q, k, v of one Linear, named ``..._attn_qkv``
+FUSED_QKV_SUFFIX = ".attn.qkv"
+#: the UNet's first convolution: its input channels beyond the latent's 4 tell an inpainting / pix2pix model
+CONV_IN = "model.diffusion_model.input_blocks.0.0"
+_VARIANTS = {9: "inpaint", 8: "pix2pix"}
 
 
 @dataclass(frozen=True, order=True)
@@ -59,16 +71,27 @@ def detect_components(module_names: set[str]) -> tuple[str, list[Component]]:
     comps: list[Component] = []
     if "model.diffusion_model" in module_names:
         comps.append(Component("unet", "model.diffusion_model.", ("lora_unet_",), "compvis"))
+    if "model.diffusion_model.joint_blocks" in module_names:
+        for name, kohya, style in (("clip_l", "lora_te1_", "hf_clip"), ("clip_g", "lora_te2_", "hf_clip"),
+                                   ("t5xxl", "lora_te3_", "t5")):
+            prefix = f"text_encoders.{name}.transformer."
+            if prefix.rstrip(".") in module_names:
+                comps.append(Component("te", prefix, (kohya,), style))
+        return "sd3", comps
     if "conditioner.embedders.0" in module_names:
-        family = "sdxl"
-        for i, kohya in ((0, "lora_te1_"), (1, "lora_te2_")):
+        encoders = []
+        for i in (0, 1):
             base = f"conditioner.embedders.{i}."
             hf = _first_present(module_names, (base + "wrapped.transformer.", base + "transformer."))
             oc = _first_present(module_names, (base + "wrapped.model.", base + "model."))
             if hf is not None:
-                comps.append(Component("te", hf, (kohya,), "hf_clip"))
+                encoders.append((hf, "hf_clip"))
             elif oc is not None:
-                comps.append(Component("te", oc, (kohya,), "open_clip"))
+                encoders.append((oc, "open_clip"))
+        # the refiner's only text encoder is OpenCLIP bigG, the base model's second: kohya's and diffusers' te2
+        family = "sdxl_refiner" if [style for _, style in encoders] == ["open_clip"] else "sdxl"
+        kohya_names = ("lora_te2_",) if family == "sdxl_refiner" else ("lora_te1_", "lora_te2_")
+        comps += [Component("te", prefix, (kohya,), style) for (prefix, style), kohya in zip(encoders, kohya_names)]
         return family, comps
     hf = _first_present(module_names, ("cond_stage_model.wrapped.transformer.", "cond_stage_model.transformer."))
     oc = _first_present(module_names, ("cond_stage_model.wrapped.model.", "cond_stage_model.model."))
@@ -119,6 +142,9 @@ class ModelIndex:
                 self.modules[name] = mod
         all_names = {name for name, _ in root.named_modules()}
         self.family, self.components = detect_components(all_names)
+        conv_in = self.modules.get(CONV_IN)
+        #: 'inpaint' or 'pix2pix' when the UNet takes conditioning channels besides the latent, else None
+        self.variant = _VARIANTS.get(conv_in.in_channels) if isinstance(conv_in, nn.Conv2d) else None
         self._kohya: dict[str, Target] = {}
         self._component_of: dict[str, Component] = {}
         self._build_lookup()
@@ -148,6 +174,8 @@ class ModelIndex:
                 keys.append((f"{rel}_out_proj", Target(name, "out")))
             else:
                 keys.append((rel, Target(name)))
+                if self.is_fused_qkv(name):  # the whole fused Linear (kohya) or each of its q/k/v rows
+                    keys += [(f"{rel}_{p}_proj", Target(name, p)) for p in MHA_PARTS]
             for sub, target in keys:
                 names = [sub]
                 if comp.style == "open_clip":
@@ -163,6 +191,22 @@ class ModelIndex:
                 for kohya in comp.kohya_prefixes:
                     for n in names:
                         self._kohya.setdefault(kohya + n, target)
+
+    def is_fused_qkv(self, name: str) -> bool:
+        """Whether a module is SD3's fused q/k/v Linear (A1111's ``QkvLinear``)."""
+        mod = self.modules.get(name)
+        return (self.family == "sd3" and isinstance(mod, nn.Linear) and name.endswith(FUSED_QKV_SUFFIX)
+                and mod.out_features % 3 == 0)
+
+    def rows(self, target: Target) -> slice | None:
+        """The rows of the module's packed weight a q/k/v target changes (``in_proj_weight`` of a
+        MultiheadAttention, or a fused qkv Linear's weight); None for a whole weight."""
+        if target.part not in MHA_PARTS:
+            return None
+        mod = self.modules[target.module]
+        d = mod.embed_dim if isinstance(mod, nn.MultiheadAttention) else mod.out_features // 3
+        i = MHA_PARTS.index(target.part)
+        return slice(i * d, (i + 1) * d)
 
     def lookup(self, kohya_name: str) -> Target | None:
         """The target a kohya-style module name (``lora_unet_...``, ``lora_te1_...``) means in this model."""
@@ -187,10 +231,9 @@ class ModelIndex:
         if isinstance(mod, nn.MultiheadAttention):
             if target.part == "out":
                 return mod.out_proj.weight
-            i = MHA_PARTS.index(target.part)
-            d = mod.embed_dim
-            return mod.in_proj_weight[i * d:(i + 1) * d]
-        return mod.weight
+            return mod.in_proj_weight[self.rows(target)]
+        rows = self.rows(target)
+        return mod.weight if rows is None else mod.weight[rows]
 
     def weight_shape(self, target: Target) -> tuple[int, ...]:
         return tuple(self.weight(target).shape)

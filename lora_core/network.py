@@ -16,6 +16,7 @@ import torch
 
 from .adapters import Adapter, LayerOp, TargetInfo, build_adapter
 from .cost import LayerCost, has_low_rank_bypass, layer_cost, unet_levels
+from .families import family_name
 from .errors import FamilyMismatchError, KeyMappingError, UnsupportedLayerError
 from .io import LoraFile, open_lora
 from .keymap import detect_file_family, map_keys
@@ -153,13 +154,14 @@ def check_fit(path: str | PathLike, index: ModelIndex) -> None:
 
 def _fit(path: Path, keys: Sequence[str], metadata: dict[str, str], f: LoraFile, index: ModelIndex):
     """(the file's family, its keys mapped onto the model); FamilyMismatchError for a file of another family."""
-    family = detect_file_family(keys, metadata, f.shape)
+    family = detect_file_family(keys, metadata, f.shape, index.family)
     if family is not None and index.family in FAMILIES and family != index.family:
-        raise FamilyMismatchError(str(path), family, index.family)
+        raise FamilyMismatchError(str(path), family, index.family, family_name(family),
+                                  family_name(index.family, index.variant))
     return family, map_keys(keys, index)
 
 
 def _nothing_fits(path: Path, keys: Sequence[str], index: ModelIndex, examples: Sequence[str]) -> KeyMappingError:
     example = (list(examples) or ["the file is empty"])[0]
     return KeyMappingError(f"{path}: none of its {len(keys)} keys fits a layer of the loaded "
-                           f"{index.family.upper()} model (e.g. {example})")
+                           f"{family_name(index.family, index.variant)} model (e.g. {example})")

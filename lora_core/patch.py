@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.base import Adapter, Bypass, LayerOp
-from .bypass import BypassBuilder, ContextMemo, PreparedCache
+from .bypass import BypassBuilder, ContextMemo, PreparedCache, RowsBypass
 from .errors import NonFiniteWeightError, UnsupportedLayerError
 from .memory import MemoryPolicy, keep, put_back
 from .merge import bias_of, merged_values, param_paths
@@ -273,16 +273,16 @@ class Patcher:
         if layer is None or not layer.backups:
             return current
         module = layer.module
+        rows = self.index.rows(target)
         if isinstance(module, nn.MultiheadAttention):
             if target.part == "out":
                 return layer.backups.get(f"out_proj.{what}", current)
             whole = layer.backups.get(f"in_proj_{what}")
-            if whole is None:
-                return current
-            d = module.embed_dim
-            i = MHA_PARTS.index(target.part)
-            return whole[i * d:(i + 1) * d]
-        return layer.backups.get(what, current)
+        else:
+            whole = layer.backups.get(what)
+        if whole is None:
+            return current
+        return whole if rows is None else whole[rows]
 
     def _merge(self, layer: _Layer) -> None:
         paths = param_paths(layer.module)
@@ -320,9 +320,14 @@ class Patcher:
                             for e in layer.entries]
             else:
                 op = LayerOp.of(layer.module)
-                prepared = [self.bypass.functions(e, op, x.device, x.dtype) for e in layer.entries]
+                prepared = [self._rows_of(e, self.bypass.functions(e, op, x.device, x.dtype)) for e in layer.entries]
         layer.prepared[key] = prepared
         return prepared
+
+    def _rows_of(self, entry: PlanEntry, fn: Bypass) -> Bypass:
+        """A q/k/v part of a fused Linear (SD3's qkv) adds to its rows of the output only."""
+        rows = self.index.rows(entry.target)
+        return fn if rows is None else RowsBypass(fn, rows, self.index.modules[entry.target.module].out_features)
 
     def _hook(self, layer: _Layer) -> None:
         module = layer.module

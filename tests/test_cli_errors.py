@@ -272,7 +272,7 @@ def test_inspect_says_why_the_family_is_unknown(folder, capsys):
                   "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(128, 2)})
     code, out, _ = run_cli(capsys, ["inspect", str(lora)])
     assert code == 0 and "modules:    1" in out
-    assert "family:     unknown (neither its metadata nor its key names say SD1, SD2 or SDXL)" in out
+    assert "family:     unknown (neither its metadata nor its key names say SD1, SD2, SDXL, SDXL refiner or SD3)" in out
 
 
 @pytest.mark.parametrize("argv, status, words", [(["--help"], 0, "merge-into"),

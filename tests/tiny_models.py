@@ -55,6 +55,9 @@ from ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import nn
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+#: built too, but outside the suite-wide family fixtures (their inputs and forwards are not modelled here):
+#: the SDXL refiner (full forward) and SD3, whose MMDiT is built for its layers only (see ``build_sd3``)
+EXTRA_FAMILIES = ("sdxl_refiner", "sd3")
 
 CONTEXT_LENGTH = 77  # real: tokens per chunk, as A1111 feeds them
 VOCAB_SIZE = 1024  # real: 49408
@@ -173,12 +176,13 @@ class TinySDModel(nn.Module):
 
     def __init__(self, family: str, unet: nn.Module):
         super().__init__()
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        if family not in FAMILIES + EXTRA_FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + EXTRA_FAMILIES}")
         self.family = family
         self.is_sd1 = family == "sd1"
         self.is_sd2 = family == "sd2"
-        self.is_sdxl = family == "sdxl"
+        self.is_sdxl = family in ("sdxl", "sdxl_refiner")  # A1111: hasattr(model, 'conditioner')
+        self.is_sd3 = family == "sd3"
         self.is_ssd = False
         self.model = DiffusionWrapper(unet)
 
@@ -231,10 +235,10 @@ def _hijacked_open_clip(tower: dict) -> HijackedTextEncoder:
 
 # --- UNets ---------------------------------------------------------------------------------------
 
-def _sd_unet(context_dim: int, **kwargs: object) -> UNetModel:
-    """The SD1/SD2 UNet of v1-/v2-inference.yaml, tiny."""
+def _sd_unet(context_dim: int, in_channels: int = LATENT_CHANNELS, **kwargs: object) -> UNetModel:
+    """The SD1/SD2 UNet of v1-/v2-inference.yaml, tiny (``in_channels`` 9: inpainting, 8: instruct-pix2pix)."""
     return UNetModel(
-        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
+        image_size=32, in_channels=in_channels, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
         attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
         use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
         use_checkpoint=False, legacy=False, **kwargs,
@@ -259,11 +263,11 @@ def _context_per_block(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _sdxl_unet(context_dim: int, adm_in_channels: int, width: int = UNET_WIDTH, channel_mult=SDXL_CHANNEL_MULT,
-               head_channels: int = 16) -> UNetModel:
+               head_channels: int = 16, in_channels: int = LATENT_CHANNELS) -> UNetModel:
     """The UNet of sd_xl_base.yaml, tiny, from ldm's class (see the module docstring); ``bench/bench_engine.py``
     builds the real-size one with the real width, levels and head size."""
     unet = UNetModel(
-        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=width,
+        image_size=32, in_channels=in_channels, out_channels=LATENT_CHANNELS, model_channels=width,
         attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=channel_mult, num_head_channels=head_channels,
         use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=SDXL_DEPTH,
         context_dim=[context_dim] * SDXL_DEPTH, use_checkpoint=False, legacy=False,
@@ -288,8 +292,9 @@ def _randomize_layer(module: nn.Module) -> bool:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         module.reset_parameters()  # kaiming-uniform weight, uniform (non-zero) bias
     elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-        module.weight.normal_(1.0, 0.1)
-        module.bias.normal_(0.0, 0.1)
+        if module.weight is not None:  # SD3's adaLN norms have no affine parameters
+            module.weight.normal_(1.0, 0.1)
+            module.bias.normal_(0.0, 0.1)
     elif isinstance(module, nn.MultiheadAttention):  # its out_proj is a Linear, drawn on its own
         nn.init.xavier_uniform_(module.in_proj_weight)
         module.in_proj_bias.normal_(0.0, 0.1)
@@ -316,10 +321,11 @@ def _finish(root: TinySDModel) -> TinySDModel:
 
 # --- builders -----------------------------------------------------------------------------------
 
-def build_sd1(seed: int = 0) -> TinySDModel:
-    """SD1.5: ldm UNet (v1-inference.yaml topology) + CLIP ViT-L text encoder (12 layers)."""
+def build_sd1(seed: int = 0, in_channels: int = LATENT_CHANNELS) -> TinySDModel:
+    """SD1.5: ldm UNet (v1-inference.yaml topology) + CLIP ViT-L text encoder (12 layers). ``in_channels`` 9 is
+    v1-inpainting-inference.yaml's UNet, 8 instruct-pix2pix's (latent + conditioning channels)."""
     torch.manual_seed(seed)
-    root = TinySDModel("sd1", _sd_unet(context_dim=CLIP_L["width"], num_heads=8))
+    root = TinySDModel("sd1", _sd_unet(context_dim=CLIP_L["width"], in_channels=in_channels, num_heads=8))
     root.cond_stage_model = _hijacked_clip_l()
     return _finish(root)
 
@@ -338,11 +344,12 @@ def sdxl_adm_in_channels() -> int:
     return OPEN_CLIP_BIGG["width"] + SIZE_EMBEDDERS * 2 * SIZE_EMBED_DIM
 
 
-def build_sdxl(seed: int = 0) -> TinySDModel:
-    """SDXL base: UNet of sd_xl_base.yaml + CLIP ViT-L (12 layers) and OpenCLIP ViT-bigG (32 layers)."""
+def build_sdxl(seed: int = 0, in_channels: int = LATENT_CHANNELS) -> TinySDModel:
+    """SDXL base: UNet of sd_xl_base.yaml + CLIP ViT-L (12 layers) and OpenCLIP ViT-bigG (32 layers); ``in_channels``
+    9 is the SDXL inpainting UNet."""
     torch.manual_seed(seed)
     context_dim = CLIP_L["width"] + OPEN_CLIP_BIGG["width"]
-    root = TinySDModel("sdxl", _sdxl_unet(context_dim, sdxl_adm_in_channels()))
+    root = TinySDModel("sdxl", _sdxl_unet(context_dim, sdxl_adm_in_channels(), in_channels=in_channels))
     embedders = [_hijacked_clip_l(), _hijacked_open_clip(OPEN_CLIP_BIGG)]
     embedders += [SizeEmbedder(SIZE_EMBED_DIM) for _ in range(SIZE_EMBEDDERS)]
     root.conditioner = Conditioner(embedders)
@@ -350,7 +357,157 @@ def build_sdxl(seed: int = 0) -> TinySDModel:
     return _finish(root)
 
 
-BUILDERS: dict[str, Callable[..., TinySDModel]] = {"sd1": build_sd1, "sd2": build_sd2, "sdxl": build_sdxl}
+# SDXL refiner (sd_xl_refiner.yaml): 4 levels (real width 384 x (1, 2, 4, 4); here 32 x (1, 2, 3, 3), which keeps
+# the skip convolutions where the real one has them), attention on the 2nd and 3rd level and in the middle, depth
+# 4 everywhere, cross-attention on OpenCLIP bigG alone, and ``y`` = bigG pooled + 5 size/crop/aesthetic numbers.
+REFINER_CHANNEL_MULT = (1, 2, 3, 3)
+REFINER_DEPTH = 4
+
+
+def refiner_adm_in_channels() -> int:
+    return OPEN_CLIP_BIGG["width"] + 5 * SIZE_EMBED_DIM
+
+
+def build_sdxl_refiner(seed: int = 0) -> TinySDModel:
+    """SDXL refiner: UNet of sd_xl_refiner.yaml + OpenCLIP ViT-bigG (32 layers) as ``conditioner.embedders.0``."""
+    torch.manual_seed(seed)
+    unet = UNetModel(
+        image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=UNET_WIDTH,
+        attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=REFINER_CHANNEL_MULT, num_head_channels=16,
+        use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=REFINER_DEPTH,
+        context_dim=[OPEN_CLIP_BIGG["width"]] * REFINER_DEPTH, use_checkpoint=False, legacy=False, num_classes=1,
+    )
+    time_embed_dim = unet.time_embed[0].out_features
+    unet.num_classes = "sequential"
+    unet.label_emb = nn.Sequential(nn.Sequential(
+        nn.Linear(refiner_adm_in_channels(), time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
+    for module in unet.modules():
+        if isinstance(module, SpatialTransformer):
+            module.register_forward_pre_hook(_context_per_block)
+    root = TinySDModel("sdxl_refiner", unet)
+    root.conditioner = Conditioner([_hijacked_open_clip(OPEN_CLIP_BIGG)] +
+                                   [SizeEmbedder(SIZE_EMBED_DIM) for _ in range(SIZE_EMBEDDERS)])
+    root.cond_stage_model = root.conditioner
+    return _finish(root)
+
+
+# --- SD3 (A1111's modules/models/sd3), for its layers ------------------------------------------------
+# A1111 holds SD3 as ``SD3Inferencer``: ``model.diffusion_model`` is SAI's MMDiT (``mmdit.py``), ``text_encoders``
+# is ``SD3Cond`` with CLIP-G, CLIP-L (A1111's own CLIP classes, laid out like transformers' with a
+# ``text_projection``) and T5-XXL. The classes below give every layer the name, type and role it has there
+# (24 joint blocks, the last one's context block "pre-only": no proj, norm2 or mlp), at tiny widths; their
+# forward is not modelled, so tests run single layers (each a real nn.Linear / LayerNorm / Conv2d).
+SD3_DEPTH = 24
+SD3_WIDTH = 32  # real 64 * depth = 1536
+SD3_T5 = dict(width=16, ff=32, layers=24)  # real 4096, 10240, 24
+SD3_CLIP_G = dict(width=48, heads=6, layers=32)
+SD3_LATENT_CHANNELS = 16
+
+
+class QkvLinear(nn.Linear):
+    """A1111's ``mmdit.QkvLinear``: one Linear whose output rows are q, then k, then v."""
+
+
+class AutocastLinear(nn.Linear):
+    """A1111's T5 Linear (``other_impls.AutocastLinear``)."""
+
+
+class _Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, width: int, pre_only: bool):
+        super().__init__()
+        self.qkv = QkvLinear(width, 3 * width)
+        if not pre_only:
+            self.proj = nn.Linear(width, width)
+        self.ln_q, self.ln_k = nn.Identity(), nn.Identity()
+
+
+class _DismantledBlock(nn.Module):
+    def __init__(self, width: int, pre_only: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = _SelfAttention(width, pre_only)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.mlp = _Mlp(width, 4 * width)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (2 if pre_only else 6) * width))
+
+
+class _JointBlock(nn.Module):
+    def __init__(self, width: int, pre_only: bool):
+        super().__init__()
+        self.context_block = _DismantledBlock(width, pre_only)
+        self.x_block = _DismantledBlock(width, False)
+
+
+def _embedder_mlp(width_in: int, width: int) -> nn.Module:
+    holder = nn.Module()
+    holder.mlp = nn.Sequential(nn.Linear(width_in, width), nn.SiLU(), nn.Linear(width, width))
+    return holder
+
+
+def _mmdit(width: int = SD3_WIDTH, depth: int = SD3_DEPTH) -> nn.Module:
+    dit = nn.Module()
+    dit.x_embedder = nn.Module()
+    dit.x_embedder.proj = nn.Conv2d(SD3_LATENT_CHANNELS, width, 2, stride=2)
+    dit.t_embedder = _embedder_mlp(16, width)
+    dit.y_embedder = _embedder_mlp(2 * 8, width)
+    dit.context_embedder = nn.Linear(16, width)
+    dit.joint_blocks = nn.ModuleList(_JointBlock(width, pre_only=i == depth - 1) for i in range(depth))
+    dit.final_layer = nn.Module()
+    dit.final_layer.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+    dit.final_layer.linear = nn.Linear(width, 2 * 2 * SD3_LATENT_CHANNELS)
+    dit.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+    return dit
+
+
+def _sd3_clip(width: int, heads: int, layers: int) -> nn.Module:
+    holder = nn.Module()
+    holder.transformer = nn.Module()
+    holder.transformer.text_model = _clip_text_model(width, heads, layers).text_model
+    holder.transformer.text_projection = nn.Linear(width, width, bias=False)
+    return holder
+
+
+def _sd3_t5(width: int, ff: int, layers: int) -> nn.Module:
+    holder = nn.Module()
+    holder.transformer = nn.Module()
+    holder.transformer.encoder = nn.Module()
+    blocks = nn.ModuleList()
+    for _ in range(layers):
+        attention, dense = nn.Module(), nn.Module()
+        attention.SelfAttention = nn.Module()
+        for name in ("q", "k", "v", "o"):
+            setattr(attention.SelfAttention, name, AutocastLinear(width, width, bias=False))
+        dense.DenseReluDense = nn.Module()
+        dense.DenseReluDense.wi_0 = AutocastLinear(width, ff, bias=False)
+        dense.DenseReluDense.wi_1 = AutocastLinear(width, ff, bias=False)
+        dense.DenseReluDense.wo = AutocastLinear(ff, width, bias=False)
+        block = nn.Module()
+        block.layer = nn.ModuleList([attention, dense])
+        blocks.append(block)
+    holder.transformer.encoder.block = blocks
+    return holder
+
+
+def build_sd3(seed: int = 0) -> TinySDModel:
+    """SD3 medium's layers as A1111 names them (``model.diffusion_model.joint_blocks...``, ``text_encoders...``)."""
+    torch.manual_seed(seed)
+    root = TinySDModel("sd3", _mmdit())
+    root.text_encoders = nn.Module()
+    root.text_encoders.clip_g = _sd3_clip(**SD3_CLIP_G)
+    root.text_encoders.clip_l = _sd3_clip(**CLIP_L)
+    root.text_encoders.t5xxl = _sd3_t5(**SD3_T5)
+    return _finish(root)
+
+
+BUILDERS: dict[str, Callable[..., TinySDModel]] = {"sd1": build_sd1, "sd2": build_sd2, "sdxl": build_sdxl,
+                                                   "sdxl_refiner": build_sdxl_refiner, "sd3": build_sd3}
 
 
 def build(family: str, seed: int = 0) -> TinySDModel:
@@ -411,7 +568,7 @@ def make_inputs(root: TinySDModel, family: str | None = None, batch: int = 1, si
     size = size or DEFAULT_LATENT_SIZE[family]
     gen = torch.Generator().manual_seed(seed)
     inputs = {
-        "x": torch.randn(batch, LATENT_CHANNELS, size, size, generator=gen),
+        "x": torch.randn(batch, root.model.diffusion_model.in_channels, size, size, generator=gen),
         "timesteps": torch.randint(0, 1000, (batch,), generator=gen),
         "context": torch.randn(batch, CONTEXT_LENGTH, context_dim(root), generator=gen),
     }

@@ -83,6 +83,22 @@ def fit_shape(delta: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.T
     return delta.reshape(shape)
 
 
+#: Input channels of a UNet's first convolution that take more than the latent: an inpainting model's 9 (latent,
+#: mask, masked image) and instruct-pix2pix's 8 (latent, image), mapped to the latent's 4, which is what a LoRA
+#: trained on the base model changes. The extra channels come after the latent's (ldm concatenates them behind it).
+WIDER_INPUT_CHANNELS = {9: 4, 8: 4}
+
+
+def narrowed_input(target: TargetInfo) -> TargetInfo | None:
+    """The target as a LoRA of the base model sees it when the layer takes extra conditioning channels
+    (``WIDER_INPUT_CHANNELS``), else None."""
+    shape = target.shape
+    latent = WIDER_INPUT_CHANNELS.get(shape[1]) if target.op.is_conv and len(shape) == 4 else None
+    if latent is None or target.op.kwargs.get("groups", 1) != 1:
+        return None
+    return TargetInfo(target.name, (shape[0], latent, *shape[2:]), target.op)
+
+
 class Adapter(ABC):
     """One algorithm's weights for one layer."""
 
@@ -205,3 +221,50 @@ def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 def scalar(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.reshape(-1)[0].item())
+
+
+class ZeroPaddedInput(Adapter):
+    """An adapter made for the latent's input channels of a layer that takes more (``narrowed_input``): its delta
+    is zero on the extra channels, as the built-in pads it (and for any algorithm, in both modes). Deltas that read
+    the base weight (DoRA, OFT, IA3) read the latent's channels of it; bypass runs on those channels of the input."""
+
+    def __init__(self, inner: Adapter, shape: tuple[int, ...], channels: int):
+        self.inner = inner
+        self.shape = tuple(shape)  # the layer's
+        self.channels = channels  # the input channels the inner adapter was made for
+        self.algorithm = inner.algorithm  # type: ignore[misc]
+        self.keys = inner.keys  # type: ignore[misc]
+
+    @classmethod
+    def load(cls, params: Mapping[str, torch.Tensor], target: TargetInfo) -> None:
+        return None  # never built from keys: ``adapters.build_adapter`` wraps an adapter it built
+
+    def __getattr__(self, name: str) -> Any:  # rank, scale, factors: what tools and reports read
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _narrow(self, base: torch.Tensor) -> torch.Tensor:
+        return base[:, :self.channels]
+
+    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
+        dw = self.inner.delta_weight(self._narrow(base), dyn)
+        return F.pad(dw, (0, 0, 0, 0, 0, self.shape[1] - dw.shape[1]))
+
+    def delta_bias(self, base_bias: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        return self.inner.delta_bias(base_bias, device)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.inner.needs_base
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        fn = self.inner.low_rank_bypass(op, device, dtype, dyn)
+        if fn is None:
+            return None
+        channels = self.channels
+        return lambda x: fn(x[:, :channels])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.inner.tensors()

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 # diffusers / PEFT top-level prefixes -> kohya module prefix
 DOTTED_PREFIXES = (
     ("unet.", "lora_unet_"),
+    ("transformer.", "lora_unet_"),  # diffusers' SD3 (MMDiT) pipeline: the denoiser is `transformer`
+    ("text_encoder_3.", "lora_te3_"),  # SD3's T5
     ("text_encoder_2.", "lora_te2_"),
     ("text_encoder.", "lora_te1_"),
     ("base_model.model.", "lora_unet_"),  # a PEFT model's own state dict around a UNet
 )
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+#: module-name prefixes of other writers that name modules like kohya otherwise: sd-scripts' OFT, and A1111's own
+#: network layer names (``diffusion_model_...``, what its ``network_layer_mapping`` and SD3 weight map use)
+_KOHYA_ALIASES = (("oft_unet_", "lora_unet_"), ("diffusion_model_", "lora_unet_"))
 
 # LoRA parameter spellings of diffusers/PEFT -> kohya's
 _PARAM_ALIASES = {
@@ -46,7 +51,7 @@ _OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
-_BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.")
+_BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.", "transformer_blocks.")
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,10 @@ def parse_key(key: str) -> KeyName | None:
             return _from_dotted(key, prefix, kohya)
     if key.startswith(_BARE_UNET):  # diffusers' save_attn_procs wrote UNet keys without the `unet.` prefix
         return _from_dotted(key, "", "lora_unet_")
-    if key.startswith("oft_unet_"):  # sd-scripts' OFT names the UNet's modules like LoRA, with its own prefix
-        key = "lora_unet_" + key[len("oft_unet_"):]
+    for alias, kohya in _KOHYA_ALIASES:
+        if key.startswith(alias):
+            key = kohya + key[len(alias):]
+            break
     for kohya in KOHYA_PREFIXES:
         if key.startswith(kohya):
             module, _, param = key.partition(".")

@@ -47,9 +47,12 @@ from ..errors import LoraFileError
 from ..io import (SAFETENSORS_SUFFIX, _check_finite, _move_into_place, _parse_header, _torch_dtype, open_lora,
                   temp_file)
 from ..keymap import parse_key
-from ..model_index import FAMILIES, MHA_PARTS, ModelIndex, Target
+from ..model_index import MHA_PARTS, ModelIndex, Target
 from .checks import check_output, require_result_finite
 from .common import require_file
+
+#: the families the tools read checkpoints of (the refiner's and SD3's are not read here)
+TOOL_FAMILIES = ("sd1", "sd2", "sdxl")
 
 COMPONENT_ROOTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 LEGACY_HASH_OFFSET = 0x100000
@@ -211,7 +214,7 @@ class CheckpointReader:
     def require_model(self, role: str) -> str:
         """The family of this file, when it is an SD1, SD2 or SDXL checkpoint; else a LoraFileError naming the file
         and what it is instead. ``role`` says what the tool wanted it for ('the base', 'B of add-difference')."""
-        if self.family in FAMILIES:
+        if self.family in TOOL_FAMILIES:
             return self.family
         keys = self.keys()
         if not keys:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..families import family_name
 from ..blocks import OTHER, block_ids, block_of
 from ..errors import FamilyMismatchError, LoraFileError, UnsupportedLayerError
 from ..io import SAFETENSORS_SUFFIX, model_hash
@@ -106,7 +107,8 @@ def inspect_lora(path: str | os.PathLike, model: str | os.PathLike | None = None
 
 def format_report(info: Mapping[str, Any]) -> str:
     """A human-readable summary of :func:`inspect_lora`'s result."""
-    family = info["family"] or "unknown (neither its metadata nor its key names say SD1, SD2 or SDXL)"
+    family = (f"{family_name(info['family'])} ({info['family']})" if info["family"] else
+              "unknown (neither its metadata nor its key names say SD1, SD2, SDXL, SDXL refiner or SD3)")
     lines = [f"file:       {info['path']}", f"family:     {family}",
              f"algorithms: {info['algorithms']}", f"ranks:      {info['ranks']}", f"alphas:     {info['alphas']}",
              f"modules:    {len(info['modules'])}"]

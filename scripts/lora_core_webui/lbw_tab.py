@@ -20,6 +20,7 @@ from modules import shared
 
 from lora_core.blocks import PresetBook, Weight, block_ids, block_norms, import_lbw_presets
 from lora_core.errors import LoraError
+from lora_core.families import family_name
 from lora_core.syntax import format_number
 
 from . import state
@@ -228,7 +229,7 @@ def show_influence(name: str):
     total = sum(norms.values())
     top = sorted(norms.items(), key=lambda item: item[1], reverse=True)[:3]
     shares = ", ".join(f"{block} {value / total:.0%}" for block, value in top if value) if total else "none"
-    message = (f"{name} on the loaded {family.upper()} model: sum of |dW| per block, at weight 1 "
+    message = (f"{name} on the loaded {family_name(family)} model: sum of |dW| per block, at weight 1 "
                f"(no image generated). Largest: {shares}.")
     frame = pd.DataFrame({"block": list(norms), "influence": [round(v, 6) for v in norms.values()]})
     return frame, _status(message)
