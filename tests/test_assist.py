@@ -114,8 +114,8 @@ def test_family_mismatch_names_both_families(world):
     runtime, root = world
     [item] = PromptChecker(runtime).check("<lora:for_xl:1>")["items"]
     assert item["status"] == "skipped"
-    assert item["messages"] == [f"<lora:for_xl:1>: {root / 'for_xl.safetensors'}: this LoRA is for SDXL but the "
-                                "loaded model is SD1"]
+    assert item["messages"] == [f"<lora:for_xl:1>: {root / 'for_xl.safetensors'}: this LoRA is for SDXL, the "
+                                "loaded model is SD1.x"]
 
 
 def test_negative_prompt_tags_are_noted_not_checked(world):
