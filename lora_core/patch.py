@@ -91,6 +91,11 @@ class _Layer:
         return tuple(e.structure_key() for e in self.entries)
 
 
+def _given(h: torch.Tensor | None, fn: Bypass) -> Bypass:
+    """``fn`` for one call whose result is known already (``h``; None: not known, ``fn`` computes it)."""
+    return fn if h is None else (lambda x: h)
+
+
 def _is_fp8(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype in _FP8
 
@@ -341,6 +346,11 @@ class Patcher:
                 # weights, an fp32 timestep embedding into fp16 weights): so does its delta
                 x = x.to(device=output.device, dtype=output.dtype)
             fns: list[Bypass] = self._prepare(layer, x)
+            if layer.baked is None and any(hasattr(fn, "from_output") for fn in fns):
+                # forms that read the layer's output (IA3, OFT): from the output over the original weights,
+                # taken before anything is added to it; each becomes a plain function of this call
+                fns = [_given(fn.from_output(x, output, mod), fn) if hasattr(fn, "from_output") else fn
+                       for fn in fns]
             if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
                 for fn, m in zip(fns, layer.hooked):
                     if m != 0:
