@@ -266,3 +266,28 @@ def test_output_forms_fall_back_to_the_dense_delta_over_merged_weights(fresh_sd1
             assert isinstance(fns[0], OutputBypass)
             got = module(x)
         assert rel_err(got, want) < 1e-5
+
+
+def test_an_in_place_merge_that_overflows_puts_the_weights_back(fresh_sd1, tmp_path):
+    """A float32 layer is merged where it lives (after its backup): a result that overflows is refused, and the
+    weights written so far are put back bit for bit."""
+    from lora_core.errors import NonFiniteWeightError
+
+    index = ModelIndex(fresh_sd1)
+    targets = [t for t in pick_targets(index, kinds=(nn.Linear, nn.Conv2d)) if not index.is_text_encoder(t)][:3]
+    gen = torch.Generator().manual_seed(2)
+    tensors = {f"{kohya_name_of(index, t)}.diff": torch.randn(index.weight_shape(t), generator=gen) * 1e20
+               for t in targets}
+    save_file(tensors, str(tmp_path / "huge.safetensors"))
+    net = load_network(tmp_path / "huge.safetensors", index)
+    before = {t: index.weight(t).detach().clone() for t in targets}
+    assert all(index.weight(t).dtype == torch.float32 for t in targets)
+    patcher = Patcher(index)
+    with pytest.raises(NonFiniteWeightError, match="nothing was written"):
+        patcher.apply(net.plan(index, 1e20, 1e20), "merged")
+    assert not patcher.active
+    assert all(torch.equal(index.weight(t), before[t]) for t in targets)
+    patcher.apply(net.plan(index, 1e-20, 1e-20), "merged")  # finite: merged in place, restored exactly
+    assert not all(torch.equal(index.weight(t), before[t]) for t in targets)
+    patcher.restore()
+    assert all(torch.equal(index.weight(t), before[t]) for t in targets)
