@@ -291,3 +291,22 @@ def test_an_in_place_merge_that_overflows_puts_the_weights_back(fresh_sd1, tmp_p
     assert not all(torch.equal(index.weight(t), before[t]) for t in targets)
     patcher.restore()
     assert all(torch.equal(index.weight(t), before[t]) for t in targets)
+
+
+@pytest.mark.parametrize("kind", ["oft", "ia3"])
+def test_a_merge_with_an_adapter_that_reads_the_weight_uses_the_original(kind, fresh_sd1, tmp_path):
+    """A LoRA and an OFT/IA3 (whose delta reads the weight) on one float32 layer: the merged weight is the original
+    plus both deltas of the original (the in-place merge is only for adapters that do not read the weight)."""
+    index = ModelIndex(fresh_sd1)
+    target = la.lycoris_targets(index)["conv3x3"]
+    from lora_factory import LoraSpec, make_kohya_lora
+    save_file(make_kohya_lora(index, [target], LoraSpec(rank=4, alpha=2.0), seed=1), str(tmp_path / "l.safetensors"))
+    save_file(make_lycoris(index, [target], kind, seed=4), str(tmp_path / "o.safetensors"))
+    nets = [load_network(tmp_path / f"{n}.safetensors", index) for n in ("l", "o")]
+    assert nets[1].adapters[target].needs_base
+    w0 = index.weight(target).detach().clone()
+    want = w0.double() + sum(0.8 * net.adapters[target].delta_weight(w0).double() for net in nets)
+    with Patcher(index) as patcher:
+        patcher.apply([e for net in nets for e in net.plan(index, 0.8, 0.8)], "merged")
+        assert rel_err(index.weight(target).detach(), want) < 1e-6
+    assert torch.equal(index.weight(target), w0)

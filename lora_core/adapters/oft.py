@@ -138,6 +138,10 @@ class OftAdapter(Adapter):
         rescale = None if self.rescale is None else self.rescale.to(torch.float32).to(device=device, dtype=dtype)
         return OftForm(self._rotation_delta(device).to(dtype), rescale, op)
 
+    @property
+    def needs_base(self) -> bool:
+        return True
+
 
 def row_delta(w0: torch.Tensor, rotation_delta: torch.Tensor, rescale: torch.Tensor | None) -> torch.Tensor:
     """The change of the rows (output channels) of ``w0`` (rows first, anything after): the merged delta of a
@@ -170,7 +174,3 @@ class OftForm:
         rows = z.reshape(-1, z.shape[-1]).t()  # (out, samples)
         delta = row_delta(rows, self.rotation_delta, self.rescale).t().reshape(z.shape)
         return delta.movedim(-1, 1) if self.op.is_conv else delta
-
-    @property
-    def needs_base(self) -> bool:
-        return True
