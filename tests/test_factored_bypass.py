@@ -310,3 +310,24 @@ def test_a_merge_with_an_adapter_that_reads_the_weight_uses_the_original(kind, f
         patcher.apply([e for net in nets for e in net.plan(index, 0.8, 0.8)], "merged")
         assert rel_err(index.weight(target).detach(), want) < 1e-6
     assert torch.equal(index.weight(target), w0)
+
+
+@pytest.mark.parametrize("case_id", ["loha", "loha_tucker"])
+def test_conv_form_adds_into_the_output_in_either_layout(case_id, fresh_sd1, tmp_path):
+    """``add_to`` (the hook's in-place path while sampling) adds ``m * fn(x)``; the 1x1 up runs as a matmul on a
+    contiguous tensor and as a convolution on a channels-last one."""
+    index = ModelIndex(fresh_sd1)
+    for role, module, adapter in forms(index, case_id, tmp_path):
+        op = LayerOp.of(module)
+        if not op.is_conv:
+            continue
+        fn = adapter.low_rank_bypass(op, torch.device("cpu"), torch.float32, None)
+        assert isinstance(fn, ConvBypass) or role == "conv1x1"
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = layer_x(module, torch.float32).contiguous(memory_format=layout)
+            with torch.no_grad():
+                y = module(x)
+                want = y.double() + 0.6 * dense_output(adapter, module, x)
+                add_to = getattr(fn, "add_to", None)
+                add_to(y, x, 0.6) if add_to is not None else y.add_(fn(x), alpha=0.6)
+            assert rel_err(y, want) < 1e-5, (case_id, role, layout)

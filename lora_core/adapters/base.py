@@ -226,13 +226,29 @@ class ConvBypass:
     def macs(self) -> int:
         return self.down.numel() + self.up.numel() + (0 if self.mid is None else self.mid.numel())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
         kw = self.kw
         if self.mid is None:
-            h = F.conv2d(x, self.down, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
-        else:
-            h = F.conv2d(F.conv2d(x, self.down), self.mid, None, kw["stride"], kw["padding"], kw["dilation"])
+            return F.conv2d(x, self.down, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+        return F.conv2d(F.conv2d(x, self.down), self.mid, None, kw["stride"], kw["padding"], kw["dilation"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._down(x)
+        flat = PointwiseConvBypass._flat(h)
+        if flat is not None:  # the 1x1 up as a matmul over the pixels (a CPU convolution reorders its weight)
+            up = torch.matmul(self.up.view(self.up.shape[0], -1), flat)
+            return (up * self.scale).view(h.shape[0], -1, *h.shape[2:])
         return F.conv2d(h, self.up) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
+        h = self._down(x)
+        flat, out_flat = PointwiseConvBypass._flat(h), PointwiseConvBypass._flat(out)
+        if flat is not None and out_flat is not None and out.dtype == h.dtype and out.shape[0] == h.shape[0] \
+                and out.shape[2:] == h.shape[2:]:
+            up = self.up.view(self.up.shape[0], -1)
+            out_flat.baddbmm_(up.expand(h.shape[0], *up.shape), flat, alpha=m * self.scale)
+            return
+        out.add_(F.conv2d(h, self.up), alpha=m * self.scale)
 
 
 def pointwise(kw: Mapping) -> bool:
