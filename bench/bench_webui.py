@@ -8,7 +8,12 @@ a. activation: the extra time of the first generation with a LoRA never used bef
 b. weight change: the extra time of a generation whose only change is one LoRA's weight;
 c. steady state: per-step time with the same LoRA set as the previous generation (from 4- and N-step runs);
 d. an X/Y/Z sweep of 6 weights against an X/Y/Z run of six plain generations;
-e. RSS growth of the server after activation, and over switch cycles between two LoRAs.
+e. RSS growth of the server after activation, and over switch cycles between two LoRAs;
+f. LyCORIS (the test bed's own files, full LyCORIS preset: ``test_loha``, ``test_lokr``, and the kohya
+   ``test_lora``): the extra time of switching from a plain generation to LoHa, to LoKr, and to the stack
+   LoRA + LoHa + LoKr at -0.4; an X/Y/Z sweep of 6 LoHa weights against six plain generations; per-step time with
+   that stack as the previous generation's set (steady) against no LoRA. ``--lycoris-only`` measures f alone
+   (one server per system).
 
 Every figure is a ratio of medians taken in this run (extra times are against the same server's plain
 generations). The LoRAs are random kohya-style files of the given rank on every attention/feed-forward layer of
@@ -42,6 +47,9 @@ XYZ = "x/y/z plot"
 SWEEP_VALUES = "1, 0, 0.2, 0.4, 0.6, 0.8"  # the prompt holds the first one (Prompt S/R replaces it)
 PLAIN_WORDS = "cat, dog, fox, owl, cow, pig"
 PROMPT = "a cat"
+#: f: the test bed's LyCORIS files (models/Lora), each switched to from a plain generation
+LYCORIS_SETS = {"loha": "<lora:test_loha:0.8>", "lokr": "<lora:test_lokr:0.8>",
+                "stack": "<lora:test_lora:0.8> <lora:test_loha:0.8> <lora:test_lokr:-0.4>"}
 #: glibc malloc settings of the server that measures times. With the defaults, the CPU convolutions' per-call
 #: weight reorders (up to 118 MB each) come from fresh mmaps or from free heap space depending on what the process
 #: freed before: on the test bed one UNet step took 470k-680k page faults (about 1.9-2.7 GB) or none, 1.6 s or 0.8 s,
@@ -68,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sweep-only", action="store_true",
                     help="only figure d (one server per system): e.g. at a size where the UNet, not the fixed costs of "
                          "a generation, dominates (--size 256 --steps 10)")
+    ap.add_argument("--lycoris-only", action="store_true",
+                    help="only figure f (LyCORIS: switches, a LoHa weight sweep, steady state; one server per system)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "webui.json"))
     ap.add_argument("--malloc", choices=("stable", "default"), default="stable",
                     help="allocator settings of the server that measures times (figures a-d); see STABLE_MALLOC")
@@ -220,20 +230,54 @@ def measure_time(server: WebUI, args: argparse.Namespace, system: str) -> dict:
             s[f"steady_{label}_long"].append(r.gen(prompt, args.long_steps, tag=f"steady_{label}_long"))
 
     measure_sweep(r, args, system, s)
+    measure_lycoris(r, args, system, s)
     out["log"] = r.log
     return out
 
 
-def measure_sweep(r: Runner, args: argparse.Namespace, system: str, s: dict) -> None:
+def measure_lycoris(r: Runner, args: argparse.Namespace, system: str, s: dict) -> None:
+    """f. Switching to LyCORIS sets, a LoHa weight sweep and the steady state with a LyCORIS stack."""
+    for key, tags in LYCORIS_SETS.items():  # first use of each file outside the samples
+        r.gen(f"{PROMPT} {tags}")
+    for i in range(args.reps):
+        for key, tags in LYCORIS_SETS.items():
+            r.gen(PROMPT)
+            s["plain"].append(r.gen(PROMPT, tag="plain"))
+            s.setdefault(f"switch_{key}", []).append(r.gen(f"{PROMPT} {tags}", tag=f"switch_{key}"))
+    measure_sweep(r, args, system, s, name="test_loha", prefix="lyco_")
+    stack = f"{PROMPT} {LYCORIS_SETS['stack']}"
+    for label in ("lyco", "lnone"):
+        s[f"steady_{label}_short"], s[f"steady_{label}_long"] = [], []
+    for label, prompt in (("lyco", stack), ("lnone", PROMPT)) * 2:
+        r.gen(prompt)
+        r.gen(prompt)
+        for _ in range(args.reps):
+            s[f"steady_{label}_short"].append(r.gen(prompt, tag=f"steady_{label}_short"))
+            s[f"steady_{label}_long"].append(r.gen(prompt, args.long_steps, tag=f"steady_{label}_long"))
+
+
+def measure_lycoris_only(server: WebUI, args: argparse.Namespace, system: str) -> dict:
+    r = Runner(server, args, system)
+    out: dict = {"samples": {}}
+    warm_up(r)
+    out["samples"]["plain"] = [r.gen(PROMPT, tag="plain") for _ in range(3)]
+    measure_lycoris(r, args, system, out["samples"])
+    out["log"] = r.log
+    return out
+
+
+def measure_sweep(r: Runner, args: argparse.Namespace, system: str, s: dict, name: str | None = None,
+                  prefix: str = "") -> None:
     """d. X/Y/Z: six weights of one (already loaded) LoRA against six plain prompts."""
-    name = f"{system}_x"
+    name = name or f"{system}_x"
     r.gen(f"{PROMPT} {lora(name, 1)}")
     weight_axis = "LoRA weight" if system == "ours" else "Prompt S/R"  # the built-in has no weight axis
-    s["sweep"], s["sweep_plain"] = [], []
+    sweep, plain = f"{prefix}sweep", f"{prefix}sweep_plain"
+    s[sweep], s[plain] = [], []
     for i in range(args.sweep_pairs):  # pairs in ABBA order: a drift of the machine's speed cancels out
-        order = ("sweep", "sweep_plain") if i % 2 == 0 else ("sweep_plain", "sweep")
+        order = (sweep, plain) if i % 2 == 0 else (plain, sweep)
         for kind in order:
-            s[kind].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES) if kind == "sweep"
+            s[kind].append(r.xyz(f"{PROMPT} {lora(name, 1)}", weight_axis, SWEEP_VALUES) if kind == sweep
                            else r.xyz(PROMPT, "Prompt S/R", PLAIN_WORDS))
 
 
@@ -295,14 +339,24 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
     s = system["samples"]
     t0 = med(s["plain"])
     log = system["log"]
-    sweep = {"sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
-             "sweep_ratio": med([a / b for a, b in zip(s["sweep"], s["sweep_plain"])])}
-    if "activation_1" not in s:  # --sweep-only
-        return {"plain_s": t0, **sweep}
 
     def per_step(label: str) -> float:  # each long generation against the short one just before it
         pairs = zip(s[f"steady_{label}_short"], s[f"steady_{label}_long"])
         return med([(long - short) / (args.long_steps - args.steps) for short, long in pairs])
+
+    lyco = {}
+    if "lyco_sweep" in s:  # figure f
+        lyco = {**{f"switch_{k}_extra_s": med(paired_extra(log, f"switch_{k}")) for k in LYCORIS_SETS},
+                "lyco_sweep_s": med(s["lyco_sweep"]), "lyco_sweep_plain_s": med(s["lyco_sweep_plain"]),
+                "lyco_sweep_ratio": med([a / b for a, b in zip(s["lyco_sweep"], s["lyco_sweep_plain"])]),
+                "step_lyco_s": per_step("lyco"), "step_lnone_s": per_step("lnone")}
+        lyco["lyco_steady_step_ratio"] = lyco["step_lyco_s"] / lyco["step_lnone_s"]
+    if "sweep" not in s:  # --lycoris-only
+        return {"plain_s": t0, **lyco}
+    sweep = {"sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
+             "sweep_ratio": med([a / b for a, b in zip(s["sweep"], s["sweep_plain"])])}
+    if "activation_1" not in s:  # --sweep-only
+        return {"plain_s": t0, **sweep}
 
     step_lora, step_none = per_step("lora"), per_step("none")
     return {"plain_s": t0,
@@ -310,7 +364,7 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
             "activation_5_extra_s": med(paired_extra(log, "activation_5")),
             "weight_change_extra_s": med(paired_extra(log, "weight_change")),
             "step_lora_s": step_lora, "step_none_s": step_none, "steady_step_ratio": step_lora / step_none,
-            **sweep}
+            **sweep, **lyco}
 
 
 def report(results: dict, files: dict, args: argparse.Namespace) -> str:
@@ -340,7 +394,16 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("X/Y/Z 6 weights (s)", "sweep_s", "{:.2f}", ratio=False)
     row("X/Y/Z 6 plain (s)", "sweep_plain_s", "{:.2f}", ratio=False)
     row("X/Y/Z 6 weights / 6 plain", "sweep_ratio", ratio=False)
-    if any("rss_cycles" not in results[k] for k in systems):  # --sweep-only
+    row("switch to LoHa: extra s", "switch_loha_extra_s")
+    row("switch to LoKr: extra s", "switch_lokr_extra_s")
+    row("switch to LoRA + LoHa + LoKr(-0.4): extra s", "switch_stack_extra_s")
+    row("X/Y/Z 6 LoHa weights (s)", "lyco_sweep_s", "{:.2f}", ratio=False)
+    row("X/Y/Z 6 plain, next to it (s)", "lyco_sweep_plain_s", "{:.2f}", ratio=False)
+    row("X/Y/Z 6 LoHa weights / 6 plain", "lyco_sweep_ratio", ratio=False)
+    row("steady per-step s, LoRA + LoHa + LoKr", "step_lyco_s", "{:.4f}", ratio=False)
+    row("steady per-step s, no LoRA, next to it", "step_lnone_s", "{:.4f}", ratio=False)
+    row("steady per-step, LyCORIS stack / no LoRA", "lyco_steady_step_ratio", ratio=False)
+    if any("rss_cycles" not in results[k] for k in systems):  # --sweep-only, --lycoris-only
         return "\n".join(lines)
     f = next(iter(files.values()))
     budget = 1.5 * f["bytes"] + f["touched_bytes"]
@@ -376,6 +439,8 @@ def main(argv=None) -> dict:
         names += [f"{system}_a1_{i}" for i in range(args.reps)]
         names += [f"{system}_a5_{i}_{j}" for i in range(args.reps) for j in range(5)]
         names += [f"{system}_{x}" for x in ("w", "s", "x", "m", "cA", "cB")]
+    if args.lycoris_only:  # the test bed's own files; one kohya file only for the table's header
+        names = [f"{systems[0]}_x"]
     folder, files = make_files(webui, ckpt, args.rank, names)
     workdir = Path(tempfile.mkdtemp(prefix="lora-core-bench-"))
     results = {"config": {k: v for k, v in vars(args).items()}, "files": next(iter(files.values())),
@@ -396,6 +461,8 @@ def main(argv=None) -> dict:
                          ("memory", {}, measure_memory))
                 if args.sweep_only:
                     parts = (("sweep", parts[0][1], measure_sweep_only),)
+                if args.lycoris_only:
+                    parts = (("lycoris", parts[0][1], measure_lycoris_only),)
                 for part, env, run in parts:
                     server = WebUI(webui, ckpt, disabled, workdir, env=env)
                     try:

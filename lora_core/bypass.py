@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters.base import Adapter, Bypass, LayerOp, numel
+from .adapters.base import Adapter, Bypass, LayerOp, OutputBypass, numel
 from .model_index import ModelIndex, Target
 
 if TYPE_CHECKING:
@@ -196,7 +196,8 @@ class BypassBuilder:
     def functions(self, entry: "PlanEntry", op: LayerOp, device: torch.device, dtype: torch.dtype) -> Bypass:
         """``h(x)`` of one entry: the low-rank form where the algorithm has one, else the full delta (held while
         the device's budget allows it, computed on each call beyond it, so a forced bypass never runs out of
-        memory)."""
+        memory). A form that reads the layer's output (IA3, OFT) comes as an ``OutputBypass``: ``from_output``
+        where the hook can give it the output over the original weights, the full delta otherwise."""
         adapter = entry.adapter
 
         def low_rank():  # the factors, cast to the device and dtype, are what the function holds
@@ -205,14 +206,14 @@ class BypassBuilder:
             return fn, 0 if fn is None else sum(t.numel() for t in adapter.tensors()) * size
 
         fast = self.cache.get(adapter, ("low", entry.dyn, dtype), device, low_rank)
-        if fast is not None:
+        if fast is not None and not hasattr(fast, "from_output"):
             return fast
 
         def full(x: torch.Tensor) -> torch.Tensor:  # looked up per call: only the cache holds deltas
             dense = self.dense(entry, device, dtype, hold=False)
             return op(x, *(dense if dense is not None else self.compute_dense(entry, device, dtype)))
 
-        return full
+        return full if fast is None else OutputBypass(fast, full)
 
     def compute_dense(self, entry: "PlanEntry", device: torch.device,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

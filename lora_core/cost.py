@@ -80,19 +80,38 @@ class LayerCost:
     hook_share: float = 1.0  #: of the device's fixed cost per call (a stored key/value output: a hook and an add)
 
 
-def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> bool:
-    """Whether bypass runs this target in low-rank form (else it holds and multiplies by the full delta; so does
+def factored_is_cheaper(factored_macs: int, shape: tuple[int, ...]) -> bool:
+    """Per layer, a factored bypass (LoHa as a rank r1 * r2 LoRA, LoKr's Kronecker product applied without forming
+    it) against the dense delta of a weight of ``shape``: the factored one where it multiplies each row (token or
+    pixel) by no more numbers than the dense delta would. It then also holds no more (its factors are those
+    numbers), and it holds nothing full-size, which is what keeps a set in bypass (``runtime._choose_mode``)."""
+    dense = 1
+    for s in shape[1:]:
+        dense *= s
+    return factored_macs <= shape[0] * dense
+
+
+def bypass_form(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None):
+    """The function bypass would run for this target without a full-size delta (on the meta device: shapes only),
+    or None where it holds and multiplies by the full delta (no factored form, or the dense one is cheaper; so does
     MultiheadAttention, whose packed projections are recomputed with full deltas)."""
     module = index.module(target)
-    return not isinstance(module, nn.MultiheadAttention) and adapter.low_rank_bypass(
-        LayerOp.of(module, target.part), torch.device("meta"), torch.float32, dyn) is not None
+    if isinstance(module, nn.MultiheadAttention):
+        return None
+    return adapter.low_rank_bypass(LayerOp.of(module, target.part), torch.device("meta"), torch.float32, dyn)
+
+
+def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> bool:
+    """Whether bypass runs this target without a full-size delta (``bypass_form``)."""
+    return bypass_form(adapter, index, target, dyn) is not None
 
 
 def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int, dyn: int | None) -> LayerCost:
     weight_numel = index.weight(target).numel()
-    low = has_low_rank_bypass(adapter, index, target, dyn)
+    form = bypass_form(adapter, index, target, dyn)
+    low = form is not None
     rows = 4.0 ** -unet_level(block_of(index, target), levels)
-    factors = sum(t.numel() for t in adapter.tensors())
+    factors = getattr(form, "macs", None) or sum(t.numel() for t in adapter.tensors())
     # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta.
     # Cross-attention keys/values read the prompt, not the image: computed once per pass (patch.ContextMemo),
     # then each call is the hook and one addition (SD1.5 on the CPU test bed: ~15 us against ~280 us computed)

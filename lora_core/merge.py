@@ -1,7 +1,7 @@
 """Merged values: ``W0 + sum_i m_i dW_i`` (and biases) of one layer, computed before anything is written."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,12 +33,14 @@ def bias_of(index: ModelIndex, target) -> torch.Tensor | None:
 
 
 def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanEntry"],
-                  multipliers: Sequence[float], device: torch.device) -> dict[str, torch.Tensor]:
+                  multipliers: Sequence[float], device: torch.device,
+                  live: Callable[[str, torch.Tensor], bool] | None = None) -> dict[str, torch.Tensor]:
     """``W0 + sum_i m_i dW_i`` (and biases) per parameter path, float32 on ``device``.
 
     Deltas are accumulated straight into one float32 copy of each parameter (``Adapter.add_delta``, a fused
-    ``addmm_`` for plain LoRA): merging is bound by memory passes over the touched weights. The weights read are
-    the layer's current ones, which the caller has restored to the originals.
+    ``addmm_`` for plain LoRA and LoHa, a broadcast ``addcmul_`` for LoKr): merging is bound by memory passes over
+    the touched weights. The weights read are the layer's current ones, which the caller has restored to the
+    originals. ``live(path, tensor)`` true: accumulate into the parameter itself (the caller has backed it up).
     """
     paths = param_paths(module)
     out: dict[str, torch.Tensor] = {}
@@ -47,7 +49,9 @@ def merged_values(index: ModelIndex, module: nn.Module, entries: Sequence["PlanE
         if path not in out:
             owner, attr = paths[path]
             current = getattr(owner, attr)
-            if current is not None:  # contiguous whatever the layer's layout (--opt-channelslast): the
+            if current is not None and live is not None and live(path, current.detach()):
+                out[path] = current.detach()
+            elif current is not None:  # contiguous whatever the layer's layout (--opt-channelslast): the
                 # fused adds view it as a matrix; writing it back restores the layout
                 out[path] = current.detach().to(device=device, dtype=torch.float32, copy=True,
                                                 memory_format=torch.contiguous_format)

@@ -91,6 +91,11 @@ class _Layer:
         return tuple(e.structure_key() for e in self.entries)
 
 
+def _given(h: torch.Tensor | None, fn: Bypass) -> Bypass:
+    """``fn`` for one call whose result is known already (``h``; None: not known, ``fn`` computes it)."""
+    return fn if h is None else (lambda x: h)
+
+
 def _is_fp8(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype in _FP8
 
@@ -288,22 +293,44 @@ class Patcher:
         paths = param_paths(layer.module)
         weight_path = "in_proj_weight" if isinstance(layer.module, nn.MultiheadAttention) else "weight"
         device = getattr(paths[weight_path][0], paths[weight_path][1]).device
+        # a float32 weight on its device is backed up first and merged into where it lives: no float32 copy and no
+        # write-back (two of the five passes over the weight), unless an adapter reads the weight it changes
+        in_place = not isinstance(layer.module, nn.MultiheadAttention) and \
+            not any(e.adapter.needs_base for e in layer.entries)
+        taken: dict[str, torch.Tensor] = {}
+
+        def live(path: str, current: torch.Tensor) -> bool:
+            if not (in_place and current.dtype == torch.float32 and current.device == device
+                    and current.is_contiguous()):
+                return False
+            taken[path] = keep(current)  # host memory, never the accelerator
+            return True
+
         new_values: dict[str, torch.Tensor] = {}
-        for path, new in merged_values(self.index, layer.module, layer.entries, layer.multipliers, device).items():
-            owner, attr = paths[path]
-            current = getattr(owner, attr)
-            dtype = getattr(owner, "weight").dtype if current is None else current.dtype
-            if not bool(torch.isfinite(new).all()):
-                labels = ", ".join(sorted({e.label or e.adapter.algorithm for e in layer.entries}))
-                raise NonFiniteWeightError(f"{layer.name}: applying {labels} would write NaN/Inf into "
-                                           f"{path}; nothing was written")
-            new_values[path] = new.to(dtype)
+        try:
+            for path, new in merged_values(self.index, layer.module, layer.entries, layer.multipliers, device,
+                                           live).items():
+                owner, attr = paths[path]
+                current = getattr(owner, attr)
+                dtype = getattr(owner, "weight").dtype if current is None else current.dtype
+                # one reduction instead of a boolean copy of the weight: NaN and Inf propagate into the sum (a
+                # finite weight whose sum overflows float32 would need values near 1e31: refused as well)
+                if not bool(torch.isfinite(new.sum())):
+                    labels = ", ".join(sorted({e.label or e.adapter.algorithm for e in layer.entries}))
+                    raise NonFiniteWeightError(f"{layer.name}: applying {labels} would write NaN/Inf into "
+                                               f"{path}; nothing was written")
+                new_values[path] = new.to(dtype)
+        except BaseException:
+            put_back((getattr(*paths[path]), original) for path, original in taken.items())
+            raise
         for path, value in new_values.items():  # all computed: now write
             owner, attr = paths[path]
             current = getattr(owner, attr)
             if current is None:
                 setattr(owner, attr, nn.Parameter(value, requires_grad=False))
                 layer.created.append(path)
+            elif path in taken:  # merged where it lives
+                layer.backups[path] = taken[path]
             else:
                 layer.backups[path] = keep(current)  # host memory, never the accelerator
                 current.copy_(value)
@@ -346,6 +373,11 @@ class Patcher:
                 # weights, an fp32 timestep embedding into fp16 weights): so does its delta
                 x = x.to(device=output.device, dtype=output.dtype)
             fns: list[Bypass] = self._prepare(layer, x)
+            if layer.baked is None and any(hasattr(fn, "from_output") for fn in fns):
+                # forms that read the layer's output (IA3, OFT): from the output over the original weights,
+                # taken before anything is added to it; each becomes a plain function of this call
+                fns = [_given(fn.from_output(x, output, mod), fn) if hasattr(fn, "from_output") else fn
+                       for fn in fns]
             if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
                 for fn, m in zip(fns, layer.hooked):
                     if m != 0:

@@ -51,7 +51,8 @@ def world(fresh_sd1, tmp_path):
     unet_targets = [t for t in pick_targets(index, kinds=(nn.Linear, nn.Conv2d)) if not index.is_text_encoder(t)]
     lora = make_kohya_lora(index, unet_targets[::3], LoraSpec(rank=4, std=0.5), seed=5)
     save_file(lora, str(tmp_path / "lo.safetensors"))
-    save_file(make_lycoris(index, unet_targets[1:12:2], "loha", seed=6), str(tmp_path / "ha.safetensors"))
+    # a full diff: bypass holds its full-size deltas (LoHa/LoKr/IA3/OFT have factored forms that hold none)
+    save_file(make_lycoris(index, unet_targets[1:12:2], "full", seed=6), str(tmp_path / "ha.safetensors"))
     return fresh_sd1, index, tmp_path, make_inputs(fresh_sd1, "sd1")
 
 
@@ -172,7 +173,7 @@ def test_budget_follows_the_reported_free_memory():
 
 
 def test_cache_and_memo_stay_within_the_device_budget(world):
-    """Forced bypass of a LoHa (full-size deltas) on a device that reports little free memory: the cache holds no
+    """Forced bypass of a full diff (full-size deltas) on a device that reports little free memory: the cache holds no
     more than it may, the output is the same as with plenty of memory, and the model is untouched."""
     root, index, tmp_path, inputs = world
     original = snapshot(root)

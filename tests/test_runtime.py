@@ -221,12 +221,12 @@ def test_full_size_bypass_deltas_beyond_the_budget_are_merged_instead(world, tmp
     root, runtime, original, inputs = world
     index = runtime.index
     targets = pick_targets(index, kinds=(torch.nn.Linear, torch.nn.Conv2d), limit_per_kind=3)
-    save_file(make_lycoris(index, targets, "loha", seed=3), str(tmp_path / "hada.safetensors"))
+    save_file(make_lycoris(index, targets, "full", seed=3), str(tmp_path / "hada.safetensors"))
     plain = unet_out(root, inputs)
     runtime.activate([["hada", "1"]])
     network = runtime._active[0].network
     dense = network.dense_bypass_bytes(index)
-    assert dense == sum(index.weight(t).numel() * 4 for t in targets)  # LoHa has no low-rank form
+    assert dense == sum(index.weight(t).numel() * 4 for t in targets)  # a full diff has no factored form
     assert network.dense_bypass_bytes(runtime.index) == dense
     runtime.restore()
     runtime.set_bypass_budget(dense - 1)

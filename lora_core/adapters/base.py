@@ -149,6 +149,11 @@ class LinearBypass:
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
         self.down, self.up, self.scale = down, up, scale
 
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per row (token or pixel): what the cost model weighs against the dense delta's."""
+        return self.down.numel() + self.up.numel()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up) * self.scale
 
@@ -173,6 +178,10 @@ class PointwiseConvBypass:
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
         self.down, self.up, self.scale = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale
+
+    @property
+    def macs(self) -> int:
+        return self.down.numel() + self.up.numel()
 
     @staticmethod
     def _flat(x: torch.Tensor) -> torch.Tensor | None:
@@ -213,6 +222,110 @@ class PointwiseConvBypass:
                 out_rows.addmm_(F.linear(rows, self.down), self.up.t(), alpha=alpha)
                 return
         out.add_(self(x), alpha=m)
+
+
+class ConvBypass:
+    """``h(x) = scale * up(mid(down(x)))`` of a factored delta on a k x k convolution: ``down`` (R, in, k, k) takes
+    the layer's stride, padding, dilation and groups, then a 1x1 ``up`` (out, R); with a Tucker core ``mid``
+    (R1, R2, k, k) ``down`` is 1x1 (R2, in) and ``mid`` takes the layer's arguments (one group)."""
+
+    __slots__ = ("down", "mid", "up", "scale", "kw")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, kw: Mapping[str, Any],
+                 mid: torch.Tensor | None = None):
+        if mid is not None:
+            down = down.reshape(down.shape[0], -1, 1, 1)
+        self.down, self.mid, self.scale, self.kw = down, mid, scale, kw
+        self.up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+
+    @property
+    def macs(self) -> int:
+        return self.down.numel() + self.up.numel() + (0 if self.mid is None else self.mid.numel())
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        kw = self.kw
+        if self.mid is None:
+            return F.conv2d(x, self.down, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+        return F.conv2d(F.conv2d(x, self.down), self.mid, None, kw["stride"], kw["padding"], kw["dilation"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._down(x)
+        flat = PointwiseConvBypass._flat(h)
+        if flat is not None:  # the 1x1 up as a matmul over the pixels (a CPU convolution reorders its weight)
+            up = torch.matmul(self.up.view(self.up.shape[0], -1), flat)
+            return (up * self.scale).view(h.shape[0], -1, *h.shape[2:])
+        return F.conv2d(h, self.up) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
+        h = self._down(x)
+        flat, out_flat = PointwiseConvBypass._flat(h), PointwiseConvBypass._flat(out)
+        if flat is not None and out_flat is not None and out.dtype == h.dtype and out.shape[0] == h.shape[0] \
+                and out.shape[2:] == h.shape[2:]:
+            up = self.up.view(self.up.shape[0], -1)
+            out_flat.baddbmm_(up.expand(h.shape[0], *up.shape), flat, alpha=m * self.scale)
+            return
+        out.add_(F.conv2d(h, self.up), alpha=m * self.scale)
+
+
+def pointwise(kw: Mapping) -> bool:
+    """A 1x1 convolution with these arguments is a matmul over the pixels: stride 1, no padding, one group."""
+    return tuple(kw.get("stride", (1, 1))) == (1, 1) and kw.get("padding") in ((0, 0), 0, "valid") \
+        and kw.get("groups", 1) == 1
+
+
+def factored_bypass(op: LayerOp, down: torch.Tensor, up: torch.Tensor, scale: float,
+                    mid: torch.Tensor | None = None) -> Bypass:
+    """The bypass of ``dW = scale * up @ [mid] @ down`` on ``op``'s layer: ``up`` (out, R); ``down`` (R, in) for a
+    Linear, (R, in, k, k) or (R, in) for a convolution (with ``mid`` (R1, R2, k, k) for a Tucker core)."""
+    if not op.is_conv:
+        return LinearBypass(down.reshape(down.shape[0], -1), up, scale)
+    if mid is None and (down.dim() == 2 or down.shape[2:] == (1, 1)) and pointwise(op.kwargs):
+        return PointwiseConvBypass(down, up, scale)
+    if mid is None and down.dim() == 2:
+        down = down.reshape(down.shape[0], down.shape[1], 1, 1)
+    return ConvBypass(down, up, scale, op.kwargs, mid)
+
+
+def face_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The row-wise Kronecker (face-splitting) product of (n, p) and (n, q): (n, p * q), column ``i * q + j``
+    holding ``a[:, i] * b[:, j]``. ``(A1 B1) * (A2 B2) = face_split(A1, A2) @ face_split(B1^T, B2^T)^T``."""
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+
+
+class OutputBypass:
+    """A delta that the layer's own output gives for a few operations per value (IA3 on outputs, OFT/BOFT rotate
+    the output channels): ``from_output(x, y, module)``, with ``y = W0 x + b`` the layer's output over its original
+    weights, before anything is added to it (the hook guarantees both), returns the delta output or None; calling
+    it, ``fn(x)``, computes through the dense delta (``dense``), which is right wherever the weights hold a merge."""
+
+    __slots__ = ("form", "dense")
+
+    def __init__(self, form: Any, dense: Bypass):
+        self.form, self.dense = form, dense
+
+    @property
+    def macs(self) -> int:
+        return self.form.macs
+
+    def from_output(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+        return self.form.from_output(x, y, module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+
+def channels_last(y: torch.Tensor, op: LayerOp) -> torch.Tensor:
+    """``y`` with its channel axis last (a convolution's is axis 1): a view."""
+    return y.movedim(1, -1) if op.is_conv else y
+
+
+def without_bias(y: torch.Tensor, module: nn.Module, op: LayerOp) -> torch.Tensor:
+    """``W0 x`` from the layer's output ``W0 x + b``."""
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return y
+    b = bias.detach().to(device=y.device, dtype=y.dtype)
+    return y - (b.reshape(-1, 1, 1) if op.is_conv else b)
 
 
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -5,6 +5,10 @@ columns), so ``dW = W0 * w`` depends on the layer's own weight. LyCORIS stores `
 and (1, C, 1, 1) for a conv, and ``on_input`` as an integer scalar; a file without ``on_input`` scales outputs.
 The bias is left alone, as in LyCORIS's merged weight and A1111's built-in (LyCORIS's own bypass forward scales
 the output after the bias is added, so on a layer with a bias it is not the merged weight; we keep one meaning).
+
+Bypass holds no delta: on outputs, ``dW x = w * (W0 x) = w * (y - b)`` from the layer's own output (``from_output``,
+one multiply per value); on inputs, ``dW x = W0 (w * x)``, the layer's own weight on the scaled input (the dense
+delta's cost, without holding it).
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ from typing import Mapping
 import torch
 
 from ..errors import UnsupportedLayerError
-from .base import Adapter, TargetInfo, scalar
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, Bypass, LayerOp, TargetInfo, numel, scalar, without_bias
 
 
 class IA3Adapter(Adapter):
@@ -54,3 +61,32 @@ class IA3Adapter(Adapter):
     @property
     def needs_base(self) -> bool:
         return True
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        if op.is_norm:
+            return None
+        return IA3Form(self.scale.to(torch.float32).to(device=device, dtype=dtype).reshape(-1), self.on_input, op,
+                       self.shape)
+
+
+class IA3Form:
+    """IA3 from the layer: ``w * (y - b)`` on outputs, ``W0 (w * x)`` on inputs (None where the layer's weight is
+    not in the input's dtype, e.g. float8 storage: the caller then uses the dense delta)."""
+
+    __slots__ = ("w", "on_input", "op", "macs")
+
+    def __init__(self, w: torch.Tensor, on_input: bool, op: LayerOp, shape: tuple[int, ...]):
+        self.w, self.on_input, self.op = w, on_input, op
+        self.macs = numel(shape) if on_input else shape[0]
+
+    def _along_channels(self) -> torch.Tensor:
+        return self.w.reshape(-1, 1, 1) if self.op.is_conv else self.w
+
+    def from_output(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+        if not self.on_input:
+            return without_bias(y, module, self.op) * self._along_channels()
+        weight = module.weight
+        if weight.dtype != x.dtype or weight.device != x.device:
+            return None
+        return self.op(x * self._along_channels(), weight.detach())

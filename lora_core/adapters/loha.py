@@ -12,6 +12,14 @@ Facts (SPEC §5, §6; LyCORIS 4.1.3 ``modules/loha.py`` and A1111's ``network_ha
 
 LyCORIS's ``get_diff_weight``/``merge_to`` multiply this delta by the scale a second time (scale**2); its
 forward, which training used, and A1111 apply it once. We follow the forward.
+
+Factored form: a Hadamard product of two low-rank matrices has rank at most r1 * r2, with explicit factors (the
+row-wise Kronecker, or face-splitting, product): ``(A1 B1) * (A2 B2) = (A1 . A2)(B1^T . B2^T)^T`` where column
+``i * r2 + j`` of ``A1 . A2`` is ``A1[:, i] * A2[:, j]``. So bypass runs it as a LoRA of rank r1 * r2 (a conv's
+k x k kernel in the down factor) where that multiplies each row by fewer numbers than the dense delta
+(``cost.factored_is_cheaper``), and a merge adds it in one ``addmm_``. The Tucker variant is a Tucker LoRA of
+rank r1a * r2a by r1b * r2b: the outer factors face-split the same way and the core is the pairwise product of the
+two cores, ``T[(i, i'), (j, j')] = t1[i, j] * t2[i', j']``. DoRA needs the whole weight's norms: dense.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UnsupportedLayerError
-from .base import Adapter, TargetInfo, fit_shape, numel, scalar
+from .base import Adapter, Bypass, LayerOp, TargetInfo, face_split, factored_bypass, fit_shape, numel, scalar
 from .lora import alpha_scale, dora_rescale
 
 
@@ -97,8 +105,55 @@ class LohaAdapter(Adapter):
         device = base.device
         w1 = self._rebuild(self.w1a, self.w1b, self.t1, device)
         w2 = self._rebuild(self.w2a, self.w2b, self.t2, device)
-        dw = fit_shape(w1 * w2 * self.scale, self.shape, "LoHa")
+        dw = fit_shape(w1.mul_(w2).mul_(self.scale), self.shape, "LoHa")
         return with_dora(dw, base, self.dora_scale)
+
+    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(up, down, mid)`` in float32 with ``dW = scale * up @ [mid] @ down``: up (out, R1), down (R2, in * k * k)
+        or, with a Tucker core, down (R2, in) and mid (R1, R2, k, k)."""
+        w1a, w2a = cast(self.w1a, device), cast(self.w2a, device)
+        w1b = cast(self.w1b, device).reshape(self.w1b.shape[0], -1)
+        w2b = cast(self.w2b, device).reshape(self.w2b.shape[0], -1)
+        if self.t1 is None:
+            return face_split(w1a, w2a), face_split(w1b.T, w2b.T).T, None
+        t1, t2 = cast(self.t1, device), cast(self.t2, device)
+        (a1, b1), (a2, b2) = t1.shape[:2], t2.shape[:2]
+        core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(a1 * a2, b1 * b2, *t1.shape[2:])
+        return face_split(w1a.T, w2a.T), face_split(w1b.T, w2b.T).T, core
+
+    def factored_macs(self) -> int:
+        """Multiply-adds per row of the factored form."""
+        r1, r2 = self.w1b.shape[0], self.w2b.shape[0]
+        if self.t1 is None:
+            return r1 * r2 * (self.shape[0] + numel(self.shape[1:]))
+        (a1, b1), (a2, b2) = self.t1.shape[:2], self.t2.shape[:2]
+        return a1 * a2 * self.shape[0] + a1 * a2 * b1 * b2 * numel(self.shape[2:]) + b1 * b2 * self.shape[1]
+
+    def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
+        alpha = multiplier * self.scale
+        if self.dora_scale is not None or self.t1 is not None or not abs(alpha) <= torch.finfo(torch.float32).max:
+            return super().add_delta(out, base, multiplier, dyn)
+        up, down, _ = self.factors(out.device)
+        if up.shape[1] >= min(up.shape[0], down.shape[1]):  # no cheaper than the two products
+            w1 = self._rebuild(self.w1a, self.w1b, None, out.device)
+            w1.mul_(self._rebuild(self.w2a, self.w2b, None, out.device))
+            out.view(out.shape[0], -1).add_(w1, alpha=alpha)
+            return
+        # one fused pass over the weight: out += (m * scale) * up @ down, rank r1 * r2
+        out.view(out.shape[0], -1).addmm_(up, down, alpha=alpha)
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        from ..cost import factored_is_cheaper  # (cost imports the adapters)
+
+        if self.dora_scale is not None or op.is_norm or not factored_is_cheaper(self.factored_macs(), self.shape):
+            return None
+        if self.t1 is not None and (not op.is_conv or op.kwargs.get("groups", 1) != 1):
+            return None
+        up, down, mid = (None if t is None else t.to(dtype) for t in self.factors(device))
+        if op.is_conv and mid is None:
+            down = down.reshape(down.shape[0], *self.shape[1:])
+        return factored_bypass(op, down, up, self.scale, mid)
 
     @property
     def needs_base(self) -> bool:

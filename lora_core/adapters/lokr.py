@@ -14,8 +14,15 @@ Facts (SPEC §5, §6; LyCORIS 4.1.3 ``modules/lokr.py``, ``functional/lokr.py`` 
   not read (so it is reported).
 
 LyCORIS's ``get_diff_weight``/``merge_to`` apply the scale twice; its forward and A1111 once. We follow the
-forward. On a Linear layer without DoRA the bypass never forms the (out, in) delta:
-``kron(w1, w2) @ vec(X) = vec(w1 @ X @ w2^T)`` with the input viewed as (c, d).
+forward.
+
+Factored form (no DoRA): bypass never forms the (out, in) delta. On a Linear,
+``kron(w1, w2) @ vec(X) = vec(w1 @ X @ w2^T)`` with the input viewed as (c, d). On a convolution the input's
+channels are c groups of d (in = c * d), and ``w2`` as a (b, d, k, k) kernel: each group is convolved with
+``w2`` (the layer's stride, padding and dilation; the c groups as a batch), then ``w1`` mixes the groups,
+``y[(i, j)] = sum_l w1[i, l] conv(x[(l, .)], w2[j])``. Where ``w1``/``w2`` are themselves factored the small
+products are formed (they are a fraction of the layer). The cost model chooses it per layer against the dense
+delta (``cost.factored_is_cheaper``). A merge adds ``kron(w1, w2)`` into the weight in one broadcast pass.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from typing import Mapping
 import torch
 
 from ..errors import UnsupportedLayerError
+import torch.nn.functional as F
+
 from .base import Adapter, Bypass, LayerOp, TargetInfo, fit_shape, numel, scalar
 from .lora import alpha_scale
 from .loha import cast, tucker_rebuild, with_dora
@@ -110,20 +119,76 @@ class LokrAdapter(Adapter):
         dw = fit_shape(torch.kron(w1, w2.contiguous()) * self.scale, self.shape, "LoKr")
         return with_dora(dw, base, self.dora_scale)
 
+    def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
+        alpha = multiplier * self.scale
+        if self.dora_scale is not None or not abs(alpha) <= torch.finfo(torch.float32).max:
+            return super().add_delta(out, base, multiplier, dyn)
+        w1, w2 = self._w1(out.device, torch.float32), self._w2(out.device, torch.float32)
+        (a, c), b = self.w1_shape, self.w2_shape[0]
+        # out[(i, j), (l, q)] += alpha * w1[i, l] * w2[j, q]: one broadcast pass, no product formed
+        grid = out.view(a, b, c, -1)
+        grid.addcmul_(w1.reshape(a, 1, c, 1), w2.reshape(1, b, 1, -1), value=alpha)
+
     @property
     def needs_base(self) -> bool:
         return self.dora_scale is not None
 
+    def factored_macs(self, op: LayerOp) -> int | None:
+        """Multiply-adds per output row of the Kronecker form on ``op``'s layer, None where it has none."""
+        (a, c), b = self.w1_shape, self.w2_shape[0]
+        inner = numel(self.shape[1:]) // c  # d * k * k: what w2 reads per group
+        if self.dora_scale is not None or op.is_norm or inner * c != numel(self.shape[1:]):
+            return None
+        if op.is_conv and (op.kwargs.get("groups", 1) != 1 or self.shape[1] % c
+                           or numel(self.w2_shape[1:]) != inner):
+            return None
+        return c * b * inner + a * c * b
+
     def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
                         dyn: int | None) -> Bypass | None:
-        if op.kind != "linear" or self.dora_scale is not None or len(self.w2_shape) != 2:
+        from ..cost import factored_is_cheaper  # (cost imports the adapters)
+
+        macs = self.factored_macs(op)
+        if macs is None or not factored_is_cheaper(macs, self.shape):
             return None
-        w1, w2 = self._w1(device, dtype), self._w2(device, dtype)
-        (a, c), (b, d) = self.w1_shape, self.w2_shape
-        s = self.scale
+        w1 = (self._w1(device, torch.float32) * self.scale).to(dtype)  # the scale folded into the small factor
+        w2 = self._w2(device, torch.float32).to(dtype)
+        if not op.is_conv:
+            return KronLinearBypass(w1, w2.reshape(w2.shape[0], -1), macs)
+        return KronConvBypass(w1, w2.reshape(w2.shape[0], self.shape[1] // self.w1_shape[1], *self.shape[2:]),
+                              op.kwargs, macs)
 
-        def h(x: torch.Tensor) -> torch.Tensor:
-            grid = x.reshape(*x.shape[:-1], c, d)  # x = vec(X), X (c, d) row-major
-            return (w1 @ (grid @ w2.T)).reshape(*x.shape[:-1], a * b) * s
 
-        return h
+class KronLinearBypass:
+    """``h(x) = vec(w1 @ X @ w2^T)``, X the input row viewed as (c, d): ``kron(w1, w2) @ x`` (scale in ``w1``)."""
+
+    __slots__ = ("w1", "w2", "macs")
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, macs: int):
+        self.w1, self.w2, self.macs = w1, w2, macs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (a, c), b = self.w1.shape, self.w2.shape[0]
+        grid = F.linear(x.reshape(*x.shape[:-1], c, -1), self.w2)  # (..., c, b) = X @ w2^T
+        return torch.matmul(self.w1, grid).reshape(*x.shape[:-1], a * b)
+
+
+class KronConvBypass:
+    """A convolution by ``kron(w1, w2)`` (``w2`` a (b, d, k, k) kernel, scale in ``w1``) without forming it: the
+    input's c channel groups convolved with ``w2`` as one batch, then mixed by ``w1``."""
+
+    __slots__ = ("w1", "w2", "kw", "macs")
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, kw, macs: int):
+        self.w1, self.w2, self.kw, self.macs = w1, w2, kw, macs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, (a, c), (b, d) = x.shape[0], self.w1.shape, self.w2.shape[:2]
+        kw = self.kw
+        z = F.conv2d(x.reshape(n * c, d, *x.shape[2:]), self.w2, None, kw["stride"], kw["padding"], kw["dilation"])
+        h, w = z.shape[2:]
+        y = torch.matmul(self.w1, z.reshape(n, c, -1)).reshape(n, a * b, h, w)  # (n, a, b * h * w)
+        return y if batched else y.squeeze(0)

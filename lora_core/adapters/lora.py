@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedLayerError
-from .base import Adapter, Bypass, LayerOp, LinearBypass, PointwiseConvBypass, TargetInfo, fit_shape, numel, scalar
+from .base import Adapter, Bypass, LayerOp, TargetInfo, factored_bypass, fit_shape, numel, scalar
 
 
 def alpha_scale(alpha: float | None, rank: int, explicit: float | None = None) -> float:
@@ -123,23 +123,6 @@ class LoraAdapter(Adapter):
         if self.dora_scale is not None or self.bias is not None or op.is_norm:
             return None
         up, down, mid = self._factors(device, dtype, dyn)
-        s = self.scale
-        if not op.is_conv:
-            return LinearBypass(down.reshape(down.shape[0], -1), up, s)
-        up4 = up.reshape(up.shape[0], up.shape[1], 1, 1)
-        kw = op.kwargs
-        if mid is None and (down.dim() == 2 or down.shape[2:] == (1, 1)) and _pointwise(kw):
-            return PointwiseConvBypass(down, up, s)
-        if mid is None:
-            down4 = down if down.dim() == 4 else down.reshape(down.shape[0], down.shape[1], 1, 1)
-            return lambda x: F.conv2d(F.conv2d(x, down4, None, kw["stride"], kw["padding"], kw["dilation"],
-                                               kw["groups"]), up4) * s
-        down4 = down.reshape(down.shape[0], -1, 1, 1)
-        return lambda x: F.conv2d(F.conv2d(F.conv2d(x, down4), mid, None, kw["stride"], kw["padding"],
-                                           kw["dilation"]), up4) * s
-
-
-def _pointwise(kw: Mapping) -> bool:
-    """A 1x1 convolution with these arguments is a matmul over the pixels: stride 1, no padding, one group."""
-    return tuple(kw.get("stride", (1, 1))) == (1, 1) and kw.get("padding") in ((0, 0), 0, "valid") \
-        and kw.get("groups", 1) == 1
+        if op.is_conv and mid is None and down.dim() == 2:
+            down = down.reshape(down.shape[0], down.shape[1], 1, 1)
+        return factored_bypass(op, down, up, self.scale, mid)

@@ -20,6 +20,11 @@ stage toward I (``I + m (R_i - I)``, a polynomial in m of degree m), and with ``
 The bias is not rotated: only the weight changes, in LyCORIS's merged weight, kohya's OFT and A1111's built-in
 (LyCORIS's own bypass forward rotates the output after the bias is added; we keep one meaning for both modes).
 
+Bypass holds no delta: the change rotates the layer's output channels, ``dW x = (R^T - I)(W0 x)`` block by block
+(stage by stage for BOFT, with the rescale), and ``W0 x = y - b`` is the layer's own output (``from_output``): a few
+multiplies per output value (b per value for OFT, 2 b per stage for BOFT), through the same row arithmetic as the
+merged delta.
+
 Precision: ``R - I = 2 Q (I - Q)^-1`` is computed in float64 (blocks are small), and the BOFT delta is summed
 stage by stage, so the change is never the difference of two large, nearly equal weights.
 """
@@ -30,7 +35,9 @@ from typing import Mapping
 import torch
 
 from ..errors import UnsupportedLayerError
-from .base import Adapter, TargetInfo, scalar
+from torch import nn
+
+from .base import Adapter, Bypass, LayerOp, TargetInfo, channels_last, scalar, without_bias
 
 
 def cayley_minus_identity(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -121,21 +128,49 @@ class OftAdapter(Adapter):
         return delta.to(device=device, dtype=torch.float32)
 
     def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
-        w0 = base.float()
-        rotation_delta = self._rotation_delta(base.device)
-        if not self.is_butterfly:
-            delta = rotate_blocks(w0, rotation_delta)
-        else:
-            half = rotation_delta.shape[-1] // 2
-            current, delta = w0, torch.zeros_like(w0)
-            for i, stage in enumerate(rotation_delta):
-                step = butterfly_stage(current, stage, (2 ** i) * half)
-                current, delta = current + step, delta + step
-        if self.rescale is None:
-            return delta
-        s = self.rescale.to(device=base.device, dtype=torch.float32).reshape(-1, *[1] * (w0.dim() - 1))
-        return s * delta + (s - 1) * w0
+        rescale = None if self.rescale is None else self.rescale.to(device=base.device, dtype=torch.float32)
+        return row_delta(base.float(), self._rotation_delta(base.device), rescale)
+
+    def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
+                        dyn: int | None) -> Bypass | None:
+        if op.is_norm:
+            return None
+        rescale = None if self.rescale is None else self.rescale.to(torch.float32).to(device=device, dtype=dtype)
+        return OftForm(self._rotation_delta(device).to(dtype), rescale, op)
 
     @property
     def needs_base(self) -> bool:
         return True
+
+
+def row_delta(w0: torch.Tensor, rotation_delta: torch.Tensor, rescale: torch.Tensor | None) -> torch.Tensor:
+    """The change of the rows (output channels) of ``w0`` (rows first, anything after): the merged delta of a
+    weight, or of the layer's outputs ``W0 x`` laid out as (out, samples)."""
+    if rotation_delta.dim() == 3:
+        delta = rotate_blocks(w0, rotation_delta)
+    else:
+        half = rotation_delta.shape[-1] // 2
+        current, delta = w0, torch.zeros_like(w0)
+        for i, stage in enumerate(rotation_delta):
+            step = butterfly_stage(current, stage, (2 ** i) * half)
+            current, delta = current + step, delta + step
+    if rescale is None:
+        return delta
+    s = rescale.reshape(-1, *[1] * (w0.dim() - 1))
+    return s * delta + (s - 1) * w0
+
+
+class OftForm:
+    """OFT/BOFT from the layer's output: ``row_delta`` of ``W0 x = y - b`` with the channels as rows."""
+
+    __slots__ = ("rotation_delta", "rescale", "op", "macs")
+
+    def __init__(self, rotation_delta: torch.Tensor, rescale: torch.Tensor | None, op: LayerOp):
+        self.rotation_delta, self.rescale, self.op = rotation_delta, rescale, op
+        self.macs = rotation_delta.numel()  # per output row: b per channel and stage
+
+    def from_output(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+        z = channels_last(without_bias(y, module, self.op), self.op)  # (..., out)
+        rows = z.reshape(-1, z.shape[-1]).t()  # (out, samples)
+        delta = row_delta(rows, self.rotation_delta, self.rescale).t().reshape(z.shape)
+        return delta.movedim(-1, 1) if self.op.is_conv else delta
