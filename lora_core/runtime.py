@@ -224,6 +224,13 @@ class LoraRuntime:
         calls then get the first image's set)."""
         return self._router is not None and self._router.begin_step(counts, rows)
 
+    def row_set(self, image: int, subprompt: int | None = None) -> frozenset:
+        """What acts on a row of image ``image`` (subprompt None: its uncond rows), hashable: equal for rows that
+        compute alike (the WebUI glue merges equal texts of one set)."""
+        if self._router is None:
+            return frozenset()
+        return frozenset(self._router.sets.of_row(image, subprompt).items())
+
     @contextmanager
     def text_rows(self, image: int, subprompt: int | None = None):
         """Within: the text encoders compute with image ``image``'s set (with ``subprompt``'s scoped LoRAs; None:
