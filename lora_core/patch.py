@@ -429,6 +429,8 @@ class Patcher:
     def _terms(self, layer: _Layer, fns: list, batch: int) -> list[tuple[Callable, "float | tuple[float, ...]"]]:
         """(function, multiplier) per distinct bypass function (one adapter in several slots is computed once),
         without the terms that are 0 on every row."""
+        if self._rows is None or all(e.slot is None for e in layer.entries):  # one multiplier per entry, as ever
+            return [(fn, m) for fn, m in zip(fns, layer.hooked) if m != 0]
         summed: dict[int, list] = {}
         for fn, m in zip(fns, self._row_multipliers(layer, batch)):
             if m == 0:

@@ -216,7 +216,7 @@ class LoraRuntime:
     @property
     def per_row(self) -> bool:
         """Whether this pass weights rows by their image's (or subprompt's) set."""
-        return self._router is not None
+        return self._router is not None and bool(self._active)
 
     def begin_cfg_step(self, counts: Sequence[int], rows: int) -> bool:
         """A CFG denoiser step over ``rows`` rows for images of ``counts[i]`` subprompts: the UNet calls until the
