@@ -79,8 +79,6 @@ class PlanEntry:
 
 #: per-row slot weights: ``rows[r][slot]`` scales the entries of ``slot`` on row ``r`` of a layer's input
 RowWeights = Sequence[Sequence[float]]
-#: what a layer adds, per distinct bypass function: a float (every row alike) or one float per row
-Term = "float | tuple[float, ...]"
 _ROW_TENSORS = 1024  # per-row multiplier tensors kept per (values, device, dtype)
 
 
