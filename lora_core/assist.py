@@ -44,6 +44,7 @@ KEY_HELP = {
     "hr": "weight in the hires pass",
     "hrte": "text-encoder weight in the hires pass",
     "hrunet": "UNet weight in the hires pass",
+    "scope": "subprompt: only the AND part the tag is in (default: prompt)",
 }
 """One line per key that completion offers after ``:`` (the keys of ``syntax.KNOWN_KEYS``)."""
 

@@ -92,14 +92,15 @@ class Network:
         return dict(Counter(a.algorithm for a in self.adapters.values()))
 
     def plan(self, index: ModelIndex, te: float, unet: float, dyn: int | None = None,
-             layer_scale: "callable | None" = None) -> list[PlanEntry]:
-        """Plan entries for this network: te/unet multiplier by component, times ``layer_scale(target)``."""
+             layer_scale: "callable | None" = None, slot: int | None = None) -> list[PlanEntry]:
+        """Plan entries for this network: te/unet multiplier by component, times ``layer_scale(target)``; ``slot``:
+        the per-row weight column of its entries (``Patcher.set_rows``), None for every row alike."""
         entries = []
         for target, adapter in self.adapters.items():
             m = te if index.is_text_encoder(target) else unet
             if layer_scale is not None:
                 m *= layer_scale(target)
-            entries.append(PlanEntry(adapter, target, m, dyn, self.name))
+            entries.append(PlanEntry(adapter, target, m, dyn, self.name, slot))
         return entries
 
 

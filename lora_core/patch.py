@@ -20,6 +20,13 @@ What bypass holds on a device (``bypass``: prepared factors and deltas, stored k
 what that device can spare (``memory.MemoryPolicy``). Each hook computes in the device and dtype of the layer's
 output, which under ``--lowvram`` and A1111's casts may change from one call to the next.
 
+Per-row multipliers (bypass only): a plan entry with a ``slot`` is weighted per row of the layer's input (dim 0,
+the batch) by ``rows[r][slot]`` (``set_rows``; during a call of a module routed with ``route_rows``, the weights of
+that call's rows). Entries of one adapter are summed into one ``h(x)`` per layer; a term whose weights are equal on
+every row takes the uniform path; otherwise ``h`` is computed on the rows whose weight is not 0 only and added
+scaled per row, so a row with no LoRA costs nothing. ``nn.MultiheadAttention`` (text encoders, which the WebUI glue
+runs per set) takes the first row's weights.
+
 Applying the same plan twice does nothing (fingerprint). Any failure while applying restores the model to its
 original weights before the error propagates; ``with Patcher(index) as p:`` restores in ``finally``.
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +71,15 @@ class PlanEntry:
     multiplier: float
     dyn: int | None = None
     label: str = ""  # who asked (network name), for messages
+    slot: int | None = None  # per-row weight column (see ``Patcher.set_rows``); None: every row alike
 
     def structure_key(self) -> tuple:
-        return (id(self.adapter), self.target, self.dyn)
+        return (id(self.adapter), self.target, self.dyn, self.slot)
+
+
+#: per-row slot weights: ``rows[r][slot]`` scales the entries of ``slot`` on row ``r`` of a layer's input
+RowWeights = Sequence[Sequence[float]]
+_ROW_TENSORS = 1024  # per-row multiplier tensors kept per (values, device, dtype)
 
 
 @dataclass
@@ -91,9 +104,25 @@ class _Layer:
         return tuple(e.structure_key() for e in self.entries)
 
 
+class _Known:
+    """A bypass function for one call whose result ``h`` over all rows of the input is known already (a form that
+    reads the layer's output); ``rows`` picks the rows that a per-row multiplier needs."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, h: torch.Tensor):
+        self.h = h
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.h.index_select(0, index)
+
+
 def _given(h: torch.Tensor | None, fn: Bypass) -> Bypass:
     """``fn`` for one call whose result is known already (``h``; None: not known, ``fn`` computes it)."""
-    return fn if h is None else (lambda x: h)
+    return fn if h is None else _Known(h)
 
 
 def _is_fp8(t: torch.Tensor | None) -> bool:
@@ -112,6 +141,9 @@ class Patcher:
         self._layers: dict[str, _Layer] = {}
         self._uids = 0
         self._fingerprint: tuple | None = None
+        self._rows: tuple[tuple[float, ...], ...] | None = None  # per-row slot weights in effect now
+        self._row_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._routes: list[torch.utils.hooks.RemovableHandle] = []
 
     # ------------------------------------------------------------------ public
     @property
@@ -168,8 +200,38 @@ class Patcher:
             raise
         self._fingerprint = fingerprint
 
+    def set_rows(self, rows: RowWeights | None) -> None:
+        """Per-row weights of slotted entries from now on: ``rows[r][slot]`` (one row: every row alike). None: every
+        slot weighs 1 on every row."""
+        self._rows = None if rows is None else tuple(tuple(float(w) for w in row) for row in rows)
+
+    def route_rows(self, module: nn.Module, rows_of_call: Callable[[int], RowWeights | None]) -> None:
+        """During each forward of ``module`` (the UNet), the rows are ``rows_of_call(batch)`` (None: as set outside
+        the call). Removed by ``unroute`` and ``restore``."""
+        def before(_mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            rows = rows_of_call(int(x.shape[0])) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+            outside.append(self._rows)
+            if rows is not None:
+                self.set_rows(rows)
+
+        def after(_mod, _args, _kwargs, output):
+            self._rows = outside.pop() if outside else None
+            return output
+
+        outside: list = []
+        self._routes += [module.register_forward_pre_hook(before, with_kwargs=True),
+                         module.register_forward_hook(after, with_kwargs=True, always_call=True)]
+
+    def unroute(self) -> None:
+        for handle in self._routes:
+            handle.remove()
+        self._routes.clear()
+        self._rows = None
+
     def restore(self) -> None:
         """Undo everything: hooks removed, merged weights copied back bit for bit."""
+        self.unroute()
         errors: list[BaseException] = []
         self.context_memo.clear()  # all of it goes: spares each layer's own scan of the store below
         with torch.no_grad():
@@ -196,6 +258,7 @@ class Patcher:
         self._layers.clear()
         self.context_memo.clear()
         self._fingerprint = None
+        self.unroute()
 
     def __enter__(self) -> "Patcher":
         return self
@@ -378,27 +441,98 @@ class Patcher:
                 # taken before anything is added to it; each becomes a plain function of this call
                 fns = [_given(fn.from_output(x, output, mod), fn) if hasattr(fn, "from_output") else fn
                        for fn in fns]
+            terms = self._terms(layer, fns, x.shape[0] if x.dim() > 0 else 1)
             if torch.is_grad_enabled():  # autograd may need the layer's output as it was: a new tensor
-                for fn, m in zip(fns, layer.hooked):
-                    if m != 0:
-                        output = output + m * fn(x)
+                for fn, m in terms:
+                    output = self._add_term(output, fn, x, m, in_place=False)
                 return output
             # sampling (no_grad / inference_mode): the output is the layer's own new tensor, add into it
-            if layer.context:
-                for h, m in zip(self.context_memo.outputs(layer.uid, x, fns), layer.hooked):
-                    if m != 0:
+            if layer.context:  # every distinct function's h(c) is stored, whatever its multiplier now
+                unique = list({id(fn): fn for fn in fns}.values())
+                stored = dict(zip(map(id, unique), self.context_memo.outputs(layer.uid, x, unique)))
+                for fn, m in terms:
+                    h = stored[id(fn)]
+                    if isinstance(m, tuple):
+                        output.addcmul_(h, self._row_tensor(m, output)[0])
+                    else:
                         output.add_(h, alpha=m)
                 return output
-            for fn, m in zip(fns, layer.hooked):
-                if m != 0:
-                    add_to = getattr(fn, "add_to", None)
-                    if add_to is not None:
-                        add_to(output, x, m)
-                    else:
-                        output.add_(fn(x), alpha=m)
+            for fn, m in terms:
+                self._add_term(output, fn, x, m, in_place=True)
             return output
 
         layer.hook = module.register_forward_hook(hook)
+
+    def _row_multipliers(self, layer: _Layer, batch: int) -> list["float | tuple[float, ...]"]:
+        """Each entry's multiplier now: a float, or one per row where its slot's weights differ between rows."""
+        rows = self._rows
+        out: list = []
+        for entry, m in zip(layer.entries, layer.hooked):
+            if entry.slot is None or rows is None or m == 0:
+                out.append(m)
+            elif len(rows) == 1 or len(rows) != batch:  # one row for all (text encoders), or not this batch's rows
+                out.append(m * rows[0][entry.slot])
+            else:
+                per_row = tuple(m * row[entry.slot] for row in rows)
+                out.append(per_row[0] if all(v == per_row[0] for v in per_row) else per_row)
+        return out
+
+    def _terms(self, layer: _Layer, fns: list, batch: int) -> list[tuple[Callable, "float | tuple[float, ...]"]]:
+        """(function, multiplier) per distinct bypass function (one adapter in several slots is computed once),
+        without the terms that are 0 on every row."""
+        if self._rows is None or all(e.slot is None for e in layer.entries):  # one multiplier per entry, as ever
+            return [(fn, m) for fn, m in zip(fns, layer.hooked) if m != 0]
+        summed: dict[int, list] = {}
+        for fn, m in zip(fns, self._row_multipliers(layer, batch)):
+            if m == 0:
+                continue
+            item = summed.setdefault(id(fn), [fn, 0.0])
+            if isinstance(m, tuple) or isinstance(item[1], tuple):
+                a = item[1] if isinstance(item[1], tuple) else (item[1],) * batch
+                b = m if isinstance(m, tuple) else (m,) * batch
+                item[1] = tuple(u + v for u, v in zip(a, b))
+            else:
+                item[1] += m
+        terms = []
+        for fn, m in summed.values():
+            if isinstance(m, tuple) and all(v == m[0] for v in m):
+                m = m[0]
+            if m != 0 and not (isinstance(m, tuple) and not any(m)):
+                terms.append((fn, m))
+        return terms
+
+    def _row_tensor(self, m: tuple[float, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-row multipliers shaped to broadcast over ``like`` (batch first), and the indices of the rows
+        whose multiplier is not 0 (None: all of them); cached, so a step does not copy them to the device again."""
+        key = (m, like.device, like.dtype, like.dim())
+        found = self._row_tensors.get(key)
+        if found is None:
+            if len(self._row_tensors) >= _ROW_TENSORS:
+                self._row_tensors.clear()
+            values = torch.tensor(m, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1))).to(like.device)
+            used = [r for r, v in enumerate(m) if v != 0]
+            index = None if len(used) == len(m) else torch.tensor(used, dtype=torch.long).to(like.device)
+            found = self._row_tensors[key] = (values, index)
+        return found
+
+    def _add_term(self, output: torch.Tensor, fn: Callable, x: torch.Tensor, m, in_place: bool) -> torch.Tensor:
+        """``output + m * fn(x)``; per row where ``m`` is a tuple, computing ``fn`` only on the rows that need it."""
+        if not isinstance(m, tuple):
+            if not in_place:
+                return output + m * fn(x)
+            add_to = getattr(fn, "add_to", None)
+            if add_to is not None:
+                add_to(output, x, m)
+            else:
+                output.add_(fn(x), alpha=m)
+            return output
+        values, index = self._row_tensor(m, output)
+        if index is None:
+            h = fn(x)
+            return output.addcmul_(h, values) if in_place else torch.addcmul(output, h, values)
+        h = fn.rows(index) if isinstance(fn, _Known) else fn(x.index_select(0, index))
+        h = h * values.index_select(0, index)
+        return output.index_add_(0, index, h) if in_place else output.index_add(0, index, h)
 
     def _mha_hook(self, layer: _Layer) -> Callable:
         mha: nn.MultiheadAttention = layer.module  # type: ignore[assignment]
@@ -407,7 +541,8 @@ class Patcher:
         defaults = (None, None, None, None, True, None, True, False)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output):
-            if not any(layer.hooked):  # nothing to add: the layer's own output stands
+            multipliers = [m[0] if isinstance(m, tuple) else m for m in self._row_multipliers(layer, 1)]
+            if not any(multipliers):  # nothing to add: the layer's own output stands
                 return output
             call = dict(zip(names, defaults))
             call.update(zip(names, args))
@@ -422,7 +557,7 @@ class Patcher:
             out_w = mha.out_proj.weight.detach().to(**like, copy=True)
             out_b = None if mha.out_proj.bias is None else mha.out_proj.bias.detach().to(**like)
             d = mha.embed_dim
-            for (part, dw, db), m in zip(prepared, layer.hooked):
+            for (part, dw, db), m in zip(prepared, multipliers):
                 if m == 0:
                     continue
                 if part == "out":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from .merge import param_paths
 from .model_index import ModelIndex, Target
 from .network import Network, load_network
 from .patch import Patcher, PlanEntry
+from .rows import PromptLoras, RowRouter, RowSets
 from .syntax import MAX_TAGS, LoraRequest, active_at, parse_lora_items
 
 log = logging.getLogger("lora_core")
@@ -60,6 +62,7 @@ class Activation:
     mode: str = "none"
     reason: str = ""  # why this mode (for the console)
     notes: list[str] = field(default_factory=list)  # keys a file has that were not used (for the console)
+    image_hashes: list[dict[str, str]] | None = None  # per image of a batch whose images have their own LoRAs
 
 
 def too_many_tags(count: int) -> str:
@@ -88,6 +91,8 @@ class LoraRuntime:
         self._applied_mode = "none"
         self._last_set: tuple | None = None  # (files, weights) of the last generation, for `auto`
         self._rescanned = False  # the folders were re-scanned for an unknown name in this generation
+        self._router: RowRouter | None = None  # per-row sets of this pass (None: every row alike)
+        self._slot_of: dict[int, int] = {}  # id(ActiveLora) -> its per-row slot
 
     def set_bypass_budget(self, nbytes: int) -> None:
         """Bytes of full-size bypass deltas a generation may hold (and the size of the prepared-delta cache)."""
@@ -148,6 +153,7 @@ class LoraRuntime:
             found = self._prepare(items, result)
             if found is not None:
                 active.append(found)
+        self._uniform_rows()
         self._active = active
         self._hires = hires
         self.patcher.new_generation()
@@ -155,10 +161,107 @@ class LoraRuntime:
         self._apply(active, mode, 0, total_steps or 1, result)
         result.active = list(self._active)
         result.mode = self._applied_mode
-        for lora in result.active:
-            if lora.entry.shorthash:
-                result.hashes[lora.request.name.translate(_HASH_NAME_DROP)] = lora.entry.shorthash
+        result.hashes = _hashes(result.active)
         return result
+
+    def activate_batch(self, prompts: Sequence[PromptLoras], *, hires: bool = False, total_steps: int | None = None,
+                       sweep: bool = False, workload: Workload | None = None) -> Activation:
+        """Apply the LoRAs of a batch whose images (or ``AND`` subprompts) have their own (see ``rows``).
+
+        A batch whose prompts all carry the same tags, none scoped to a subprompt, is ``activate``: merged mode stays
+        available. Otherwise every LoRA of the batch runs in bypass with a per-row slot; the Patcher weights each
+        row by its image's set (``RowSets``), the UNet's rows through ``begin_cfg_step``, the text encoders' through
+        ``text_rows``. ``result.image_hashes`` lists each image's LoRAs.
+        """
+        if not prompts:
+            return self.activate([], hires=hires, total_steps=total_steps, sweep=sweep, workload=workload)
+        if all(p == prompts[0] for p in prompts) and not prompts[0].has_scoped:
+            result = self.activate([list(i) for i in prompts[0].whole], hires=hires, total_steps=total_steps,
+                                   sweep=sweep, workload=workload)
+            result.image_hashes = [dict(result.hashes) for _ in prompts]
+            return result
+        result = Activation()
+        if self.index is None or self.patcher is None:
+            result.errors.append("no model is loaded")
+            return result
+        distinct: list[tuple[str, ...]] = []
+        for p in prompts:
+            for items in (*p.whole, *(i for scoped in p.scoped for i in scoped)):
+                if items not in distinct:
+                    distinct.append(items)
+        if len(distinct) > MAX_TAGS:
+            result.errors.append(f"{len(distinct)} different LoRA tags in one batch: the first {MAX_TAGS} are used, "
+                                 f"the other {len(distinct) - MAX_TAGS} are skipped")
+        self._rescanned = False
+        active: list[ActiveLora] = []
+        slot_by_items: dict[tuple[str, ...], int] = {}
+        for items in distinct[:MAX_TAGS]:
+            found = self._prepare(list(items), result)
+            if found is not None:
+                slot_by_items[items] = len(active)
+                active.append(found)
+        sets = RowSets.of(prompts, slot_by_items, len(active))
+        self._uniform_rows()
+        self._active = active
+        self._slot_of = {id(lora): slot for slot, lora in enumerate(active)}
+        self._router = RowRouter(sets)
+        self._hires = hires
+        self._last_set = None  # the next uniform generation is a new set
+        self.patcher.new_generation()
+        result.reason = ("the images of the batch have different LoRAs" if any(p.whole != prompts[0].whole
+                                                                                for p in prompts)
+                         else "a LoRA acts on one AND subprompt") + " (per-row bypass)"
+        self._apply(active, "bypass", 0, total_steps or 1, result)
+        self.patcher.set_rows(self._router.default)
+        self.patcher.route_rows(self._unet(), self._router.rows_of_call)
+        result.active = list(self._active)
+        result.mode = self._applied_mode
+        result.hashes = _hashes(result.active)
+        kept = {id(lora) for lora in self._active}
+        result.image_hashes = [_hashes([active[s] for s in sets.uses(i) if id(active[s]) in kept])
+                               for i in range(len(prompts))]
+        return result
+
+    @property
+    def per_row(self) -> bool:
+        """Whether this pass weights rows by their image's (or subprompt's) set."""
+        return self._router is not None and bool(self._active)
+
+    def begin_cfg_step(self, counts: Sequence[int], rows: int) -> bool:
+        """A CFG denoiser step over ``rows`` rows for images of ``counts[i]`` subprompts: the UNet calls until the
+        next step take their rows' weights from this layout. False when the layout is not the expected one (the
+        calls then get the first image's set)."""
+        return self._router is not None and self._router.begin_step(counts, rows)
+
+    def row_set(self, image: int, subprompt: int | None = None) -> frozenset:
+        """What acts on a row of image ``image`` (subprompt None: its uncond rows), hashable: equal for rows that
+        compute alike (the WebUI glue merges equal texts of one set)."""
+        if self._router is None:
+            return frozenset()
+        return frozenset(self._router.sets.of_row(image, subprompt).items())
+
+    @contextmanager
+    def text_rows(self, image: int, subprompt: int | None = None):
+        """Within: the text encoders compute with image ``image``'s set (with ``subprompt``'s scoped LoRAs; None:
+        the negative prompt, whose rows follow the image's whole-prompt set)."""
+        if self._router is None or self.patcher is None:
+            yield
+            return
+        self.patcher.set_rows(self._router.text(image, subprompt))
+        try:
+            yield
+        finally:
+            self.patcher.set_rows(self._router.default)
+
+    def _uniform_rows(self) -> None:
+        self._router = None
+        self._slot_of = {}
+        if self.patcher is not None:
+            self.patcher.unroute()
+
+    def _unet(self) -> nn.Module:
+        prefix = next(c.prefix for c in self.index.components if c.kind == "unet")
+        return self.index.root.get_submodule(prefix.rstrip("."))
 
     def step(self, step: int, total_steps: int) -> None:
         """Called before each sampling step: updates scheduled multipliers (free in bypass mode)."""
@@ -171,6 +274,8 @@ class LoraRuntime:
     def restore(self) -> None:
         self._active = []
         self._applied_mode = "none"
+        self._router = None
+        self._slot_of = {}
         if self.patcher is not None:
             self.patcher.restore()
 
@@ -319,7 +424,8 @@ class LoraRuntime:
             on = active_at(lora.request, step, total_steps)
             te = te_s.value_at(0, total_steps)  # the text encoders run once, before the first step
             unet = unet_s.value_at(step, total_steps) if on else 0.0
-            plan.extend(lora.network.plan(self.index, te, unet, lora.request.dyn, lora.layer_scale))
+            plan.extend(lora.network.plan(self.index, te, unet, lora.request.dyn, lora.layer_scale,
+                                          self._slot_of.get(id(lora))))
         return plan
 
     def _apply(self, active: list[ActiveLora], mode: str, step: int, total: int, result: Activation) -> None:
@@ -342,3 +448,9 @@ class LoraRuntime:
         self.patcher.apply(self._plan(kept, step, total), mode, self._te_mode())
         self._active = kept
         self._applied_mode = mode if kept else "none"
+
+
+def _hashes(active: Sequence[ActiveLora]) -> dict[str, str]:
+    """Infotext ``Lora hashes`` as the built-in writes them: name (without ``:`` and ``,``) -> short hash."""
+    return {lora.request.name.translate(_HASH_NAME_DROP): lora.entry.shorthash for lora in active
+            if lora.entry.shorthash}

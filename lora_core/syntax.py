@@ -10,7 +10,7 @@ A1111 finds the tags of a prompt (:mod:`lora_core.tags`) and splits the text bet
 positional: 1st TE, 2nd UNET, 3rd DYN (as A1111 counts them, named items in between do not shift positions). An
 empty positional item is a placeholder for the default (``<lora:n::0.5>`` = TE 1, UNET 0.5). Keys are
 case-insensitive: ``te``, ``unet``, ``dyn``, ``lbw`` (alias ``w``), ``lbwe``, ``x``, ``start``, ``stop``,
-``step``, ``hr``, ``hrte``, ``hrunet``. A named key overrides its positional item (A1111). ``hrte``/``hrunet``
+``step``, ``hr``, ``hrte``, ``hrunet``, ``scope``. A named key overrides its positional item (A1111). ``hrte``/``hrunet``
 override ``hr`` and ``step`` overrides ``start``/``stop``, whatever the order (loractl, LBW).
 
 Weights (TE, UNET, hr*) are a number (``-0.5``, ``.5``, ``1e-1``) or a schedule ``1@0,0.5@10``
@@ -29,6 +29,10 @@ A schedule is constant before its first and after its last keyframe and linear i
 keyframes at the same step make a jump (the later-written one holds from that step on).
 ``start=A``/``stop=B``: the LoRA is active in steps [A, B) of each pass (LBW's behaviour, once
 A1111's one-step lag is removed). ``step=A-B`` is ``start=A:stop=B``; either end may be left out.
+
+``scope=subprompt`` makes the LoRA act only on the rows of the ``AND`` subprompt its tag is written in (text
+encoder and UNet cond rows; see :mod:`lora_core.rows`); ``scope=prompt``, the default, acts on every row of the
+prompt's image, as A1111's built-in does.
 
 Malformed input never raises; it produces a warning that names the LoRA, the item and the
 problem. One rule: an item that cannot be read as written skips the LoRA (``request`` is None),
@@ -130,6 +134,8 @@ class LoraRequest:
     stop: Optional[float] = None
     hr_te: Optional[Schedule] = None
     hr_unet: Optional[Schedule] = None
+    scope: str = "prompt"
+    """``prompt``: every row of the image; ``subprompt``: only the cond rows of the tag's ``AND`` subprompt."""
     raw: str = field(default="", compare=False)
     """The item text as written, for messages; not part of equality."""
 
@@ -319,9 +325,10 @@ def _parse_lbwe(text: str) -> str:
 # ----------------------------------------------------------------------------- item parsing
 
 _KEY_ALIASES = {"w": "lbw"}
-KNOWN_KEYS = ("te", "unet", "dyn", "lbw", "lbwe", "x", "start", "stop", "step", "hr", "hrte", "hrunet")
+KNOWN_KEYS = ("te", "unet", "dyn", "lbw", "lbwe", "x", "start", "stop", "step", "hr", "hrte", "hrunet", "scope")
 """The keys of named items (``w`` is another name for ``lbw``)."""
 _KNOWN_KEYS = KNOWN_KEYS
+SCOPES = ("prompt", "subprompt")
 _POSITIONAL_KEYS = ("te", "unet", "dyn")
 
 
@@ -475,6 +482,13 @@ class _Collector:
         return (start if range_start is None else range_start), (stop if range_stop is None else range_stop)
 
 
+def _parse_scope(text: str) -> str:
+    scope = text.strip().lower()
+    if scope not in SCOPES:
+        raise ValueError(f"scope {quote(text)} is not one of {', '.join(SCOPES)}")
+    return scope
+
+
 def _weight(text: str) -> Schedule:
     try:
         return Schedule.parse(text)
@@ -528,6 +542,7 @@ def parse_lora_items(items: Sequence[str]) -> ParseResult:
     lbw = collector.get("lbw", _parse_lbw)
     lbwe = collector.get("lbwe", _parse_lbwe)
     x = collector.get("x", parse_number, 1.0)
+    scope = collector.get("scope", _parse_scope, "prompt")
     start, stop = collector.start_stop()
     if start is not None and stop is not None and not collector.fatal:
         _warn_if_never_active(collector, start, stop)
@@ -535,7 +550,7 @@ def parse_lora_items(items: Sequence[str]) -> ParseResult:
         return ParseResult(None, collector.all_warnings())
     request = LoraRequest(
         name=name, te=te, unet=unet, dyn=dyn, lbw=lbw, lbwe=lbwe, x=x,
-        start=start, stop=stop, hr_te=hr_te, hr_unet=hr_unet, raw=raw,
+        start=start, stop=stop, hr_te=hr_te, hr_unet=hr_unet, scope=scope, raw=raw,
     )
     return ParseResult(request, collector.all_warnings())
 
@@ -586,6 +601,7 @@ def format_request(request: LoraRequest, network: str = "lora") -> str:
         "x": None if request.x == 1.0 else format_number(request.x),
         "start": None if request.start is None else format_number(request.start),
         "stop": None if request.stop is None else format_number(request.stop),
+        "scope": None if request.scope == "prompt" else request.scope,
     }
     if request.hr_te is not None and request.hr_te == request.hr_unet:
         named["hr"] = request.hr_te

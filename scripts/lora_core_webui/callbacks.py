@@ -13,7 +13,7 @@ from modules import extra_networks, script_callbacks, shared
 from lora_core import assist, inspect
 from lora_core.errors import LoraError
 
-from . import analyzer, lbw_tab, state, tools_tab, xyz
+from . import analyzer, batch, lbw_tab, state, tools_tab, xyz
 from .extra_network import ExtraNetworkLoraCore
 
 SECTION = ("lora_core", "LoRA (lora-core)")
@@ -65,13 +65,21 @@ def model_loaded(sd_model) -> None:
         runtime.bind(sd_model)  # another object: the previous one is restored first
 
 
+_said_layout: list = []
+
+
 def cfg_denoiser(params) -> None:
     denoiser = getattr(params, "denoiser", None)
     step = getattr(denoiser, "step", None)
     total = getattr(denoiser, "total_steps", None)
     if step is None or not total:  # A1111's sampling_step lags one step behind; the denoiser's counter does not
         step, total = params.sampling_step, params.total_sampling_steps
-    state.runtime().step(int(step), int(total))
+    runtime = state.runtime()
+    runtime.step(int(step), int(total))
+    if runtime.per_row and not batch.cfg_step(runtime, denoiser, int(params.x.shape[0])) and not _said_layout:
+        _said_layout.append(True)
+        print("[lora-core] this sampler's batch layout is not the CFG denoiser's: every row of this batch gets the "
+              "first prompt's LoRAs (as the built-in does)")
 
 
 def unloaded() -> None:

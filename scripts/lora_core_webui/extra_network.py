@@ -9,7 +9,7 @@ from modules import extra_networks, shared
 from lora_core.cost import Workload
 from lora_core.runtime import Activation
 
-from . import embeddings, state
+from . import batch, embeddings, state
 
 log = logging.getLogger("lora_core")
 ERRORS_KEY = "Lora errors"
@@ -45,14 +45,21 @@ def _warn(message: str) -> None:
         pass
 
 
-def record(p, result: Activation, hires: bool) -> None:
-    """Infotext exactly as the built-in writes it (``Lora hashes``), plus ``Lora errors`` when anything failed."""
+def record(p, result: Activation, hires: bool, per_row: bool = False) -> None:
+    """Infotext exactly as the built-in writes it (``Lora hashes``), plus ``Lora errors`` when anything failed; per
+    image once a batch of the generation gave its images LoRAs of their own."""
     if state.option("lora_add_hashes_to_infotext", True):
-        if not hires or not hasattr(p, "lora_hashes"):
-            p.lora_hashes = {}
-        p.lora_hashes.update(result.hashes)
-        if p.lora_hashes:
-            p.extra_generation_params[HASHES_KEY] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
+        batch.record_per_image(p, result, len(getattr(p, "prompts", None) or [0]))
+        if per_row:
+            p.lora_core_per_image = True
+        if getattr(p, "lora_core_per_image", False):  # A1111 calls it with each image's index
+            p.extra_generation_params[HASHES_KEY] = batch.hashes_of
+        else:
+            if not hires or not hasattr(p, "lora_hashes"):
+                p.lora_hashes = {}
+            p.lora_hashes.update(result.hashes)
+            if p.lora_hashes:
+                p.extra_generation_params[HASHES_KEY] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
     if not result.errors:
         return
     seen = p.__dict__.setdefault("lora_core_errors", {})  # one list per generation, every batch and pass
@@ -98,20 +105,29 @@ class ExtraNetworkLoraCore(extra_networks.ExtraNetwork):
                 print("[lora-core] the previous generation did not finish (an error?): its LoRAs are re-planned "
                       "for this one, the model is restored where they are not wanted")
             self._unfinished = True
-        if not items and not runtime.patcher.active and not embeddings.registered():
+        errors: list[str] = []
+        per_image = batch.per_image_loras(p, hires, errors)  # None: one set for the batch (A1111's parse)
+        if not items and per_image is None and not runtime.patcher.active and not embeddings.registered():
+            batch.install(p, False)
             return
         if not hires:  # R and U block weights are drawn per generation, reproducibly from its seed
             seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", 0)]
             state.block_weights().new_generation(random.Random(f"{seeds[0]}:{getattr(p, 'iteration', 0)}"))
-        result = runtime.activate(items, hires=hires, total_steps=_pass_steps(p, hires), sweep=state.is_sweep(p),
-                                  workload=None if hires else _workload(p))
+        kwargs = dict(hires=hires, total_steps=_pass_steps(p, hires), sweep=state.is_sweep(p),
+                      workload=None if hires else _workload(p))
+        if per_image is None:
+            result = runtime.activate(items, **kwargs)
+        else:
+            result = runtime.activate_batch(per_image, **kwargs)
+        result.errors[:0] = errors
+        batch.install(p, runtime.per_row)
         embeddings.sync(result.active, result.errors)
         for note in result.notes:
             if note not in _noted:  # once per file version and process, not every generation
                 _noted.add(note)
                 print(f"[lora-core] {note}")
         _say_mode(result)
-        record(p, result, hires)
+        record(p, result, hires, runtime.per_row)
 
     def deactivate(self, p):
         # The set stays applied until the next generation asks for another (often the same one: no work).
