@@ -18,6 +18,9 @@ Inspect names the family of the loaded model and refuses a LoRA of the other fam
 
 Heavy: run it alone (``tests/run tests/e2e/test_families_e2e.py``); about 20 minutes on the 2-core test bed
 (two server starts, three checkpoint loads each, 30 generations at 64x64, 4 steps; an SD2 step takes ~7 s).
+Last run (before the xfail marks and the per-assert messages): 16 passed, 7 failed: the six LoHa/LoKr-on-inpainting
+comparisons (see BUILTIN_SKIPS_CONV_IN) and the plain image of the masked-inpainting case (which of its three
+images differed was not recorded; not yet explained).
 """
 from __future__ import annotations
 
@@ -168,14 +171,22 @@ def ours(builtin, workdir):
 
 
 COMPARED = [(case, p) for case, (_, _, prompts) in CASES.items() for p in prompts]
+# The built-in does not apply these files' conv_in on the 9-channel inpainting conv_in: LoHa's updown comes out
+# 2-D (320, 36) and its 4->9 pad of a 4-D tensor raises; LoKr's reshape to (320, 9, 3, 3) raises; it catches the
+# RuntimeError, logs it at debug level and applies the other layers (extensions-builtin/Lora/networks.py
+# network_apply_weights, network_hada.py, network_lokr.py). Ours pads and applies conv_in, so the images differ
+# (measured: PSNR 29.7-30.4 dB). Only a conv_in LoRA/LoCon (4-D updown) is padded by the built-in.
+BUILTIN_SKIPS_CONV_IN = {("sd15-inpaint-random", "a cat <lora:test_loha:1>"),
+                         ("sd15-inpaint-random", "a cat <lora:test_lokr:1>"),
+                         ("sd15-inpaint-random/mask", "a cat <lora:test_loha:1>")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_plain_image_before_and_after_is_the_builtin_plain_image(ours, builtin, case):
     reference = image(builtin, (case, "base"))
-    assert same_pixels(image(ours, (case, "base")), reference), case
-    assert same_pixels(image(ours, (case, "base after")), reference), case
-    assert same_pixels(image(builtin, (case, "base after")), reference), case
+    assert same_pixels(image(ours, (case, "base")), reference), f"{case}: ours before the LoRAs"
+    assert same_pixels(image(ours, (case, "base after")), reference), f"{case}: ours after the LoRAs"
+    assert same_pixels(image(builtin, (case, "base after")), reference), f"{case}: the built-in after the LoRAs"
 
 
 def test_the_checkpoints_are_different_models(builtin):
@@ -187,7 +198,10 @@ def test_the_checkpoints_are_different_models(builtin):
 
 
 @pytest.mark.parametrize("ask", ["first", "again"])
-@pytest.mark.parametrize("case,prompt", COMPARED, ids=[f"{c}:{p}" for c, p in COMPARED])
+@pytest.mark.parametrize("case,prompt", [
+    pytest.param(c, p, id=f"{c}:{p}", marks=[pytest.mark.xfail(
+        strict=True, reason="the built-in skips a LoHa/LoKr conv_in on 9 channels, ours pads it")]
+        if (c, p) in BUILTIN_SKIPS_CONV_IN else []) for c, p in COMPARED])
 def test_same_image_as_the_builtin(ours, builtin, case, prompt, ask):
     """Asked first (a new set: bypass, unless the memory budget says merged; the console says which) and again
     (the same set: merged)."""
