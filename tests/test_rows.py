@@ -238,3 +238,34 @@ def test_scope_syntax():
     assert parse_lora_items(format_request(request)[6:-1].split(":")).request == request
     bad = parse_lora_items(["x", "1", "scope=image"])
     assert bad.request is None and "scope" in bad.warnings[0]
+
+
+def test_forms_that_read_the_layer_output_take_only_their_rows(world, tmp_path):
+    """IA3 and OFT compute their delta from the layer's output over the whole batch (before any term is added); a
+    per-row term over some of the rows takes those rows of it. Image 1 has no LoRA, so the other images' rows are
+    picked out of the batch."""
+    root, runtime, original = world
+    index = runtime.index
+    linears = [t for t in pick_targets(index, kinds=(torch.nn.Linear,)) if not index.is_text_encoder(t)
+               and not t.module.endswith((".attn2.to_k", ".attn2.to_v"))][:8]
+    save_file(make_lycoris(index, linears[:4], "ia3", seed=7), str(tmp_path / "delta.safetensors"))
+    save_file(make_lycoris(index, linears[4:], "oft", seed=8), str(tmp_path / "epsilon.safetensors"))
+    runtime.library.refresh()
+    sets = ["a <lora:delta:0.8>", "a", "a <lora:epsilon:1> <lora:delta:-0.5>"]
+    prompts = [prompt_loras(p) for p in sets]
+    result = runtime.activate_batch(prompts)
+    assert not result.errors and result.mode == "bypass" and runtime.per_row
+    inputs = make_inputs(root, "sd1", batch=6, seed=9)
+    assert runtime.begin_cfg_step([1, 1, 1], 6)
+    got = _unet(root, inputs)
+    runtime.restore()
+    plain = _unet(root, inputs)
+    for r in range(6):
+        items = [list(i) for i in prompts[r % 3].whole]
+        if not items:
+            assert torch.equal(got[r], plain[r]), r
+            continue
+        want = _merged_row(runtime, root, inputs, r, items)
+        assert not torch.allclose(want, plain[r], **TOL), r
+        assert torch.allclose(got[r], want, **TOL), r
+    assert_bitwise(root, original)
