@@ -63,6 +63,20 @@ def _unet(root, inputs, chunk: int | None = None) -> torch.Tensor:
                                           for k, v in inputs.items()}) for a in range(0, n, chunk)])
 
 
+def _assert_rows_as_merged(runtime: LoraRuntime, root, inputs: dict, prompts: list, got: torch.Tensor,
+                           plain: torch.Tensor) -> None:
+    """Each row (cond rows of the images, then their uncond rows) equals the merged oracle of its image's set; an
+    image without LoRAs is untouched, bit for bit (its rows were not computed at all)."""
+    for r in range(got.shape[0]):
+        items = [list(i) for i in prompts[r % len(prompts)].whole]
+        if not items:
+            assert torch.equal(got[r], plain[r]), r
+            continue
+        want = _merged_row(runtime, root, inputs, r, items)
+        assert not torch.allclose(want, plain[r], **TOL), r
+        assert torch.allclose(got[r], want, **TOL), r
+
+
 SETS = [
     "a cat <lora:alpha:1>",
     "a cat",
@@ -83,14 +97,7 @@ def test_each_image_gets_its_own_set_on_cond_and_uncond_rows(world, chunk):
     got = _unet(root, inputs, chunk)
     runtime.restore()
     plain = _unet(root, inputs, chunk)  # the same calls (kernels may round differently per batch size)
-    for r in range(6):
-        items = [list(i) for i in prompts[r % 3].whole]
-        if not items:  # the image without LoRAs: untouched, bit for bit (its rows were not computed at all)
-            assert torch.equal(got[r], plain[r]), r
-            continue
-        want = _merged_row(runtime, root, inputs, r, items)
-        assert not torch.allclose(want, plain[r], **TOL), r
-        assert torch.allclose(got[r], want, **TOL), r
+    _assert_rows_as_merged(runtime, root, inputs, prompts, got, plain)
     assert_bitwise(root, original)
 
 
@@ -260,12 +267,5 @@ def test_forms_that_read_the_layer_output_take_only_their_rows(world, tmp_path):
     got = _unet(root, inputs)
     runtime.restore()
     plain = _unet(root, inputs)
-    for r in range(6):
-        items = [list(i) for i in prompts[r % 3].whole]
-        if not items:
-            assert torch.equal(got[r], plain[r]), r
-            continue
-        want = _merged_row(runtime, root, inputs, r, items)
-        assert not torch.allclose(want, plain[r], **TOL), r
-        assert torch.allclose(got[r], want, **TOL), r
+    _assert_rows_as_merged(runtime, root, inputs, prompts, got, plain)
     assert_bitwise(root, original)

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from webui import BUILTIN_NAME, EXTENSION_NAME, ROOT, WebUI, checkpoint, webui_dir  # noqa: E402
+from browser import BUILTIN_NAME, CHROMIUM, CKPT, EXTENSION_NAME, ROOT, WEBUI, WebUI, sync_api  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-
-WEBUI = webui_dir("the browser test")
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-
-CKPT = checkpoint(WEBUI)
 SCREENSHOT = Path(os.environ.get("LBW_SCREENSHOT", "/tmp/lbw-tab.png"))
 PRESET = "BROWSER_TEST"
 TIMEOUT_MS = 120_000
