@@ -18,9 +18,8 @@ Inspect names the family of the loaded model and refuses a LoRA of the other fam
 
 Heavy: run it alone (``tests/run tests/e2e/test_families_e2e.py``); about 20 minutes on the 2-core test bed
 (two server starts, three checkpoint loads each, 30 generations at 64x64, 4 steps; an SD2 step takes ~7 s).
-Last run (before the xfail marks and the per-assert messages): 16 passed, 7 failed: the six LoHa/LoKr-on-inpainting
-comparisons (the built-in left the LoHa/LoKr conv_in out: it now gets the delta as a diff) and the plain image of the masked-inpainting case (which of its three
-images differed was not recorded; not yet explained).
+The plain image of the masked-inpainting case needs a warm-up generation: A1111's first masked img2img after a
+start differs from every later one (33.6 dB; seen with ours disabled, so in both servers).
 """
 from __future__ import annotations
 
@@ -173,6 +172,8 @@ def _run(server: WebUI, ours: bool) -> dict:
             if current is not None:
                 switch(server, ckpt)
             current = ckpt
+        if kind == "inpaint":  # A1111's first masked img2img after a start differs from the later ones (33.6 dB
+            _attempt(lambda: generate(server, BASE, kind))  # with ours disabled; the 2nd and 3rd are identical)
         images[(case, "base")] = _attempt(lambda: generate(server, BASE, kind))
         for p in prompts:
             q = p if ours else _builtin_prompt(case, p)
