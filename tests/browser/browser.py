@@ -17,3 +17,14 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CKPT = checkpoint(WEBUI)
+
+
+def private_data_dir(tmp_path_factory) -> Path:
+    """A WebUI data folder of the test's own with this checkout in its extensions (``--data-dir``): the server
+    needs no e2e lock and never touches the test bed's settings or presets. Skips without the checkpoint."""
+    if not CKPT.is_file():
+        pytest.skip(f"{CKPT} is missing (../shared/testbed/setup.sh makes it)")
+    data = tmp_path_factory.mktemp("data")
+    (data / "extensions").mkdir()
+    (data / "extensions" / EXTENSION_NAME).symlink_to(ROOT)
+    return data

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import BUILTIN_NAME, CHROMIUM, CKPT, EXTENSION_NAME, ROOT, WEBUI, WebUI, sync_api  # noqa: E402
+from browser import BUILTIN_NAME, CHROMIUM, CKPT, WEBUI, WebUI, private_data_dir, sync_api  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 SCREENSHOT = Path(os.environ.get("LBW_SCREENSHOT", "/tmp/lbw-tab.png"))
@@ -24,11 +24,7 @@ TIMEOUT_MS = 120_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not CKPT.is_file():
-        pytest.skip(f"{CKPT} is missing (../shared/testbed/setup.sh makes it)")
-    data = tmp_path_factory.mktemp("data")
-    (data / "extensions").mkdir()
-    (data / "extensions" / EXTENSION_NAME).symlink_to(ROOT)
+    data = private_data_dir(tmp_path_factory)
     server = WebUI(WEBUI, CKPT, [BUILTIN_NAME], tmp_path_factory.mktemp("browser"),
                    extra_args=["--data-dir", str(data), "--models-dir", str(WEBUI / "models")])
     server.data = data

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import BUILTIN_NAME, CHROMIUM, CKPT, EXTENSION_NAME, ROOT, WEBUI, WebUI, sync_api  # noqa: E402
+from browser import BUILTIN_NAME, CHROMIUM, CKPT, WEBUI, WebUI, private_data_dir, sync_api  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 SHOTS = Path(os.environ.get("LORA_CORE_SCREENSHOTS", "/tmp"))
@@ -48,11 +48,7 @@ def place(source: Path, target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not CKPT.is_file():
-        pytest.skip(f"{CKPT} is missing (../shared/testbed/setup.sh makes it)")
-    data = tmp_path_factory.mktemp("data")
-    (data / "extensions").mkdir()
-    (data / "extensions" / EXTENSION_NAME).symlink_to(ROOT)
+    data = private_data_dir(tmp_path_factory)
     loras = data / "Lora"  # a LoRA folder of our own: the names offered do not depend on what else the test bed has
     for name, ours in LORAS:
         place(WEBUI / "models" / "Lora" / f"{name}.safetensors", loras / f"{ours}.safetensors")
