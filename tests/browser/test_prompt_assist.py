@@ -140,7 +140,7 @@ def test_check_route_answers_bad_input_with_a_message(server):
                               .encode())
     assert status == 200 and answer["model_family"] == "sd1"
     assert [item["status"] for item in answer["items"]] == ["ok", "skipped"]
-    assert "this LoRA is for SDXL but the loaded model is SD1" in answer["items"][1]["messages"][0]
+    assert "this LoRA is for SDXL, the loaded model is SD1.x" in answer["items"][1]["messages"][0]
 
 
 def test_completions_route_respects_the_sd_version_filter(server):
