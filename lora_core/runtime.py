@@ -340,7 +340,7 @@ class LoraRuntime:
         - the same files and weights as the previous generation: merged, so every later generation has no
           per-step cost;
         - the hires pass keeps the first pass's mode when its set is the same;
-        - memory: bypass of algorithms without a low-rank form (LoHa, LoKr on convs, DoRA, IA3, OFT...) holds
+        - memory: bypass of deltas without a factored form (a grouped conv, a norm layer, MultiheadAttention...) holds
           full-size deltas on the device that computes; beyond what it can spare (``Patcher.device_budget``) such
           a set is merged instead. A merge keeps the originals of the touched weights in host memory: where the
           host has not that much to spare, bypass it is (deltas beyond the budget are then computed per call).

@@ -17,6 +17,7 @@ from torch import nn
 
 import lora_core.cost as cost
 from lora_core.adapters.base import ConvBypass, LayerOp, LinearBypass, OutputBypass, face_split
+from lora_core.adapters.dora import DoraForm
 from lora_core.adapters.ia3 import IA3Form
 from lora_core.adapters.lokr import KronConvBypass, KronLinearBypass
 from lora_core.adapters.oft import OftForm
@@ -33,7 +34,8 @@ import test_lycoris_b as lb
 
 ROLES = ("linear", "conv1x1", "conv3x3", "conv_stride2")
 A_CASES = ["loha", "loha_tucker", "loha_alpha_missing", "lokr", "lokr_both_decomposed", "lokr_full",
-           "lokr_tucker", "lokr_factor4", "lokr_w1_decomposed"]
+           "lokr_tucker", "lokr_factor4", "lokr_w1_decomposed",
+           "loha_dora_out", "loha_dora_in", "lokr_dora_out", "lokr_dora_in"]
 B_CASES = ["ia3_out", "ia3_on_input", "oft", "oft_rescaled", "oft_diag_old", "boft", "boft_constrained_rescaled"]
 
 
@@ -331,3 +333,119 @@ def test_conv_form_adds_into_the_output_in_either_layout(case_id, fresh_sd1, tmp
                 add_to = getattr(fn, "add_to", None)
                 add_to(y, x, 0.6) if add_to is not None else y.add_(fn(x), alpha=0.6)
             assert rel_err(y, want) < 1e-5, (case_id, role, layout)
+
+
+# ---------------------------------------------------------------- DoRA
+DORA_SPECS = {"kohya_columns": dict(dora=True), "peft_rows": dict(dora=True, dora_on_out=True),
+              "tucker_columns": dict(dora=True, tucker=True)}
+
+
+def dora_network(index: ModelIndex, spec_id: str, tmp_path, seed: int = 0):
+    """A kohya-named DoRA LoRA on the roles' layers, its tensors per target (for the independent oracle)."""
+    from lora_factory import LoraSpec, make_kohya_lora
+    targets = {role: la.lycoris_targets(index)[role] for role in ROLES}
+    state = make_kohya_lora(index, targets.values(), LoraSpec(rank=4, alpha=2.0, std=0.5, **DORA_SPECS[spec_id]),
+                            seed=seed)
+    path = tmp_path / f"dora_{spec_id}.safetensors"
+    save_file(state, str(path))
+    per_target = {t: {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == kohya_name_of(index, t)}
+                  for t in targets.values()}
+    return targets, load_network(path, index), per_target
+
+
+def dora_oracle(tensors: dict, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's op on lora_factory's DoRA delta (SPEC §6, written without lora_core), in float64."""
+    from lora_factory import expected_delta
+    return LayerOp.of(module)(x.double(), expected_delta(tensors, module.weight.detach().double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("spec_id", list(DORA_SPECS))
+def test_dora_form_equals_the_dense_delta(spec_id, dtype, fresh_sd1, tmp_path):
+    """DoRA holds no delta in bypass: the norms of ``W0 + dW`` once, then the plain low-rank form on a scaled input
+    (norms per input column) or output (per output row); against an oracle written without lora_core."""
+    index = ModelIndex(fresh_sd1)
+    targets, net, tensors = dora_network(index, spec_id, tmp_path)
+    fresh_sd1.to(dtype)
+    for role, target in targets.items():
+        module = index.module(target)
+        fn = net.adapters[target].low_rank_bypass(LayerOp.of(module), torch.device("cpu"), dtype, None)
+        assert isinstance(fn, DoraForm), (spec_id, role)
+        assert fn.on_out is (spec_id == "peft_rows")
+        x = layer_x(module, dtype)
+        with torch.no_grad():
+            got = fn.from_output(x, module(x), module)
+        want = dora_oracle(tensors[target], module, x)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else TOLERANCE[dtype]), (spec_id, role)
+
+
+@pytest.mark.parametrize("spec_id", ["kohya_columns", "peft_rows"])
+def test_a_wrong_dora_form_fails_the_same_check(spec_id, fresh_sd1, tmp_path):
+    """Two plausible mistakes, rejected by the oracle that the right form passes: norms of ``W0`` alone (``dW``
+    left out of them), and the scales applied to the plain form only (forgetting that DoRA also rescales ``W0``)."""
+    index = ModelIndex(fresh_sd1)
+    targets, net, tensors = dora_network(index, spec_id, tmp_path)
+
+    class PlainOnly(DoraForm):
+        def from_output(self, x, y, module):
+            scale, _ = self.scales(module.weight, x.device, x.dtype)
+            return self.plain(x) * scale if self.on_out else self.plain(x * scale)
+
+    for role, target in targets.items():
+        module = index.module(target)
+        right = net.adapters[target].low_rank_bypass(LayerOp.of(module), torch.device("cpu"), torch.float32, None)
+        parts = (right.plain, right.plain_delta, right.magnitude, right.op, right.shape, right.on_out)
+        norms_of_w0 = DoraForm(right.plain, lambda device: torch.zeros(right.shape, device=device), *parts[2:])
+        x = layer_x(module, torch.float32)
+        want = dora_oracle(tensors[target], module, x)
+        with torch.no_grad():
+            y = module(x)
+            assert rel_err(right.from_output(x, y, module), want) < 1e-5
+            for wrong in (norms_of_w0, PlainOnly(*parts)):
+                assert rel_err(wrong.from_output(x, y, module), want) > 1e-2, (spec_id, role, type(wrong))
+
+
+def test_dora_norms_follow_the_base_weight(fresh_sd1, tmp_path):
+    """The scales are computed once per base weight: a second call reuses them, and a weight changed in place
+    (another checkpoint loaded into the same layer) gets new ones."""
+    index = ModelIndex(fresh_sd1)
+    targets, net, tensors = dora_network(index, "kohya_columns", tmp_path)
+    target = targets["conv3x3"]
+    module = index.module(target)
+    fn = net.adapters[target].low_rank_bypass(LayerOp.of(module), torch.device("cpu"), torch.float32, None)
+    x = layer_x(module, torch.float32)
+    with torch.no_grad():
+        first = fn.scales(module.weight, x.device, x.dtype)
+        assert fn.scales(module.weight, x.device, x.dtype) is first
+        module.weight.mul_(1.5)
+        assert rel_err(fn.from_output(x, module(x), module), dora_oracle(tensors[target], module, x)) < 1e-5
+    assert fn.scales(module.weight, x.device, x.dtype) is not first
+
+
+@pytest.mark.parametrize("spec_id", ["kohya_columns", "peft_rows"])
+def test_a_dora_set_runs_in_bypass_holding_nothing_full_size(spec_id, monkeypatch, fresh_sd1, tmp_path):
+    """With no room for full-size deltas, a DoRA LoRA stays in bypass holding factors only, and the UNet's output
+    equals the merged one (through the hook, weight changes included)."""
+    monkeypatch.undo()
+    index = ModelIndex(fresh_sd1)
+    from lora_factory import LoraSpec, make_kohya_lora
+    chosen = [t for t in pick_targets(index, kinds=(nn.Linear, nn.Conv2d)) if not index.is_text_encoder(t)][::3]
+    save_file(make_kohya_lora(index, chosen, LoraSpec(rank=4, alpha=2.0, std=0.5, **DORA_SPECS[spec_id]), seed=3),
+              str(tmp_path / "dora.safetensors"))
+    runtime = LoraRuntime(LoraLibrary([tmp_path]), bypass_budget=0)
+    runtime.bind(fresh_sd1)
+    inputs = make_inputs(fresh_sd1, "sd1")
+    for weight in ("0.8", "-0.5"):
+        result = runtime.activate([["dora", weight]])
+        assert result.mode == "bypass", result.reason
+        assert runtime._active[0].network.dense_bypass_bytes(index) == 0
+        with torch.no_grad():
+            got = run_unet(fresh_sd1, inputs)
+        assert not any("dense" in k for k in runtime.patcher.cache._items)
+        runtime.restore()
+        with Patcher(index) as merged, torch.no_grad():
+            merged.apply(load_network(tmp_path / "dora.safetensors", index).plan(index, float(weight), float(weight)),
+                         "merged")
+            want = run_unet(fresh_sd1, inputs)
+        assert rel_err(got, want) < 1e-5, weight

@@ -17,7 +17,6 @@ from typing import Mapping
 import torch
 
 from ..errors import UnsupportedLayerError
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, Bypass, LayerOp, TargetInfo, numel, scalar, without_bias

@@ -8,7 +8,7 @@ Facts (SPEC §5, §6; LyCORIS 4.1.3 ``modules/loha.py`` and A1111's ``network_ha
   ``rebuild[p, q, ...] = sum_ij t[i, j, ...] w1_a[i, p] w1_b[j, q]``; same for ``t2``.
 - scale = alpha / r with r = ``hada_w1_b``'s first dimension; alpha missing or 0 means 1 (LyCORIS; A1111
   reads alpha 0 as scale 0, which no trainer writes on purpose).
-- ``dora_scale``: DoRA on ``W0 + dW`` (lora.py's ``dora_rescale``), then the multiplier scales ``W' - W0``.
+- ``dora_scale``: DoRA on ``W0 + dW`` (``dora.dora_rescale``), then the multiplier scales ``W' - W0``.
 
 LyCORIS's ``get_diff_weight``/``merge_to`` multiply this delta by the scale a second time (scale**2); its
 forward, which training used, and A1111 apply it once. We follow the forward.
@@ -19,7 +19,8 @@ row-wise Kronecker, or face-splitting, product): ``(A1 B1) * (A2 B2) = (A1 . A2)
 k x k kernel in the down factor) where that multiplies each row by fewer numbers than the dense delta
 (``cost.factored_is_cheaper``), and a merge adds it in one ``addmm_``. The Tucker variant is a Tucker LoRA of
 rank r1a * r2a by r1b * r2b: the outer factors face-split the same way and the core is the pairwise product of the
-two cores, ``T[(i, i'), (j, j')] = t1[i, j] * t2[i', j']``. DoRA needs the whole weight's norms: dense.
+two cores, ``T[(i, i'), (j, j')] = t1[i, j] * t2[i', j']``. With DoRA the form runs inside ``dora.DoraForm``
+(the norms of ``W0 + dW`` once per base weight, no delta held).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, Bypass, LayerOp, TargetInfo, face_split, factored_bypass, fit_shape, numel, scalar
-from .lora import alpha_scale, dora_rescale
+from .dora import dora_rescale, with_dora_form
+from .lora import alpha_scale
 
 
 def cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -101,12 +103,13 @@ class LohaAdapter(Adapter):
             return tucker_rebuild(cast(t, device), cast(wa, device), cast(wb, device))
         return cast(wa, device) @ cast(wb, device).reshape(wb.shape[0], -1)
 
-    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
-        device = base.device
+    def _plain_delta(self, device: torch.device) -> torch.Tensor:
         w1 = self._rebuild(self.w1a, self.w1b, self.t1, device)
         w2 = self._rebuild(self.w2a, self.w2b, self.t2, device)
-        dw = fit_shape(w1.mul_(w2).mul_(self.scale), self.shape, "LoHa")
-        return with_dora(dw, base, self.dora_scale)
+        return fit_shape(w1.mul_(w2).mul_(self.scale), self.shape, "LoHa")
+
+    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
+        return with_dora(self._plain_delta(base.device), base, self.dora_scale)
 
     def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(up, down, mid)`` in float32 with ``dW = scale * up @ [mid] @ down``: up (out, R1), down (R2, in * k * k)
@@ -146,14 +149,15 @@ class LohaAdapter(Adapter):
                         dyn: int | None) -> Bypass | None:
         from ..cost import factored_is_cheaper  # (cost imports the adapters)
 
-        if self.dora_scale is not None or op.is_norm or not factored_is_cheaper(self.factored_macs(), self.shape):
+        if op.is_norm or not factored_is_cheaper(self.factored_macs(), self.shape):
             return None
         if self.t1 is not None and (not op.is_conv or op.kwargs.get("groups", 1) != 1):
             return None
         up, down, mid = (None if t is None else t.to(dtype) for t in self.factors(device))
         if op.is_conv and mid is None:
             down = down.reshape(down.shape[0], *self.shape[1:])
-        return factored_bypass(op, down, up, self.scale, mid)
+        plain = factored_bypass(op, down, up, self.scale, mid)
+        return with_dora_form(plain, self._plain_delta, self.dora_scale, op, self.shape)
 
     @property
     def needs_base(self) -> bool:

@@ -16,13 +16,13 @@ Facts (SPEC §5, §6; LyCORIS 4.1.3 ``modules/lokr.py``, ``functional/lokr.py`` 
 LyCORIS's ``get_diff_weight``/``merge_to`` apply the scale twice; its forward and A1111 once. We follow the
 forward.
 
-Factored form (no DoRA): bypass never forms the (out, in) delta. On a Linear,
+Factored form: bypass never forms the (out, in) delta. On a Linear,
 ``kron(w1, w2) @ vec(X) = vec(w1 @ X @ w2^T)`` with the input viewed as (c, d). On a convolution the input's
 channels are c groups of d (in = c * d), and ``w2`` as a (b, d, k, k) kernel: each group is convolved with
 ``w2`` (the layer's stride, padding and dilation; the c groups as a batch), then ``w1`` mixes the groups,
 ``y[(i, j)] = sum_l w1[i, l] conv(x[(l, .)], w2[j])``. Where ``w1``/``w2`` are themselves factored the small
 products are formed (they are a fraction of the layer). The cost model chooses it per layer against the dense
-delta (``cost.factored_is_cheaper``). A merge adds ``kron(w1, w2)`` into the weight in one broadcast pass.
+delta (``cost.factored_is_cheaper``); with DoRA it runs inside ``dora.DoraForm``. A merge adds ``kron(w1, w2)`` into the weight in one broadcast pass.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from ..errors import UnsupportedLayerError
 import torch.nn.functional as F
 
 from .base import Adapter, Bypass, LayerOp, TargetInfo, fit_shape, numel, scalar
+from .dora import with_dora_form
 from .lora import alpha_scale
 from .loha import cast, tucker_rebuild, with_dora
 
@@ -113,11 +114,13 @@ class LokrAdapter(Adapter):
             return tucker_rebuild(cast(self.t2, device, dtype), a, b)
         return a @ b.reshape(b.shape[0], -1)
 
-    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
-        w1, w2 = self._w1(base.device, torch.float32), self._w2(base.device, torch.float32)
+    def _plain_delta(self, device: torch.device) -> torch.Tensor:
+        w1, w2 = self._w1(device, torch.float32), self._w2(device, torch.float32)
         w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
-        dw = fit_shape(torch.kron(w1, w2.contiguous()) * self.scale, self.shape, "LoKr")
-        return with_dora(dw, base, self.dora_scale)
+        return fit_shape(torch.kron(w1, w2.contiguous()) * self.scale, self.shape, "LoKr")
+
+    def delta_weight(self, base: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
+        return with_dora(self._plain_delta(base.device), base, self.dora_scale)
 
     def add_delta(self, out: torch.Tensor, base: torch.Tensor, multiplier: float, dyn: int | None = None) -> None:
         alpha = multiplier * self.scale
@@ -137,7 +140,7 @@ class LokrAdapter(Adapter):
         """Multiply-adds per output row of the Kronecker form on ``op``'s layer, None where it has none."""
         (a, c), b = self.w1_shape, self.w2_shape[0]
         inner = numel(self.shape[1:]) // c  # d * k * k: what w2 reads per group
-        if self.dora_scale is not None or op.is_norm or inner * c != numel(self.shape[1:]):
+        if op.is_norm or inner * c != numel(self.shape[1:]):
             return None
         if op.is_conv and (op.kwargs.get("groups", 1) != 1 or self.shape[1] % c
                            or numel(self.w2_shape[1:]) != inner):
@@ -154,9 +157,11 @@ class LokrAdapter(Adapter):
         w1 = (self._w1(device, torch.float32) * self.scale).to(dtype)  # the scale folded into the small factor
         w2 = self._w2(device, torch.float32).to(dtype)
         if not op.is_conv:
-            return KronLinearBypass(w1, w2.reshape(w2.shape[0], -1), macs)
-        return KronConvBypass(w1, w2.reshape(w2.shape[0], self.shape[1] // self.w1_shape[1], *self.shape[2:]),
-                              op.kwargs, macs)
+            plain = KronLinearBypass(w1, w2.reshape(w2.shape[0], -1), macs)
+        else:
+            plain = KronConvBypass(w1, w2.reshape(w2.shape[0], self.shape[1] // self.w1_shape[1], *self.shape[2:]),
+                                   op.kwargs, macs)
+        return with_dora_form(plain, self._plain_delta, self.dora_scale, op, self.shape)
 
 
 class KronLinearBypass:

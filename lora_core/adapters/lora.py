@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, Bypass, LayerOp, TargetInfo, factored_bypass, fit_shape, numel, scalar
+from .dora import dora_rescale, with_dora_form
 
 
 def alpha_scale(alpha: float | None, rank: int, explicit: float | None = None) -> float:
@@ -23,25 +23,6 @@ def alpha_scale(alpha: float | None, rank: int, explicit: float | None = None) -
     if alpha is None or alpha == 0:
         return 1.0
     return alpha / rank
-
-
-def dora_rescale(merged: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """``W' - W0`` where ``W' = merged * magnitude / ||merged||``.
-
-    A magnitude shaped (1, in, ...) holds one norm per input column (kohya, LyCORIS, A1111); one shaped (out,)
-    or (out, 1, ...) one per output row (PEFT, LyCORIS ``wd_on_out``).
-    """
-    out_dim, in_dim = merged.shape[0], merged.shape[1]
-    mag = magnitude.to(merged)
-    if mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] == in_dim:
-        norm = merged.transpose(0, 1).reshape(in_dim, -1).norm(dim=1)
-        norm = norm.reshape(1, in_dim, *[1] * (merged.dim() - 2))
-    elif mag.numel() == out_dim:
-        norm = merged.reshape(out_dim, -1).norm(dim=1).reshape(out_dim, *[1] * (merged.dim() - 1))
-    else:
-        raise UnsupportedLayerError(f"dora_scale of shape {tuple(mag.shape)} fits neither {in_dim} input columns "
-                                    f"nor {out_dim} output rows")
-    return merged * (mag.reshape(norm.shape) / norm) - base
 
 
 class LoraAdapter(Adapter):
@@ -120,9 +101,10 @@ class LoraAdapter(Adapter):
 
     def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
                         dyn: int | None) -> Bypass | None:
-        if self.dora_scale is not None or self.bias is not None or op.is_norm:
+        if self.bias is not None or op.is_norm:
             return None
         up, down, mid = self._factors(device, dtype, dyn)
         if op.is_conv and mid is None and down.dim() == 2:
             down = down.reshape(down.shape[0], down.shape[1], 1, 1)
-        return factored_bypass(op, down, up, self.scale, mid)
+        plain = factored_bypass(op, down, up, self.scale, mid)
+        return with_dora_form(plain, lambda d: self._plain_delta(d, dyn), self.dora_scale, op, self.shape)
