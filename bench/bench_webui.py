@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
 
 from lora_core.tools.checkpoint import CheckpointReader  # noqa: E402
 from lora_core.tools.extract import extract_targets  # noqa: E402
-from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI, extension_linked  # noqa: E402
+from webui import BUILTIN_NAME, EXTENSION_NAME, WebUI, helper_extension  # noqa: E402
 
 XYZ = "x/y/z plot"
 SWEEP_VALUES = "1, 0, 0.2, 0.4, 0.6, 0.8"  # the prompt holds the first one (Prompt S/R replaces it)
@@ -58,6 +58,40 @@ LYCORIS_SETS = {"loha": "<lora:test_loha:0.8>", "lokr": "<lora:test_lokr:0.8>",
 #: generation runs without page faults (A1111's webui.sh preloads TCMalloc for the same reason; this machine has
 #: none). Memory (figure e) is measured on a second server with the defaults, as a user has it.
 STABLE_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+#: A helper extension linked into the WebUI while the bench runs: the time of every denoiser call (the UNet on cond
+#: and uncond, with whatever hooks the LoRA system added; not the text encoder, not the activation), printed to the
+#: server's log. The per-step figures from 12- minus 4-step generations carry the noise of whole generations (on
+#: the 2-core test bed up to +-15% of a step); these are one sample per step.
+STEP_TIMER_NAME = "lora-core-bench-step-timer"
+STEP_TIMER_MARK = "[lora-core-bench] unet call "
+STEP_TIMER = f'''"""Bench helper of sd-webui-lora-core (bench/bench_webui.py): times each denoiser call."""
+import time
+
+import torch
+
+from modules import script_callbacks
+
+_started = [0.0]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _before(params):
+    _sync()
+    _started[0] = time.perf_counter()
+
+
+def _after(params):
+    _sync()
+    print(f"{STEP_TIMER_MARK}{{time.perf_counter() - _started[0]:.6f}}", flush=True)
+
+
+script_callbacks.on_cfg_denoiser(_before)
+script_callbacks.on_cfg_denoised(_after)
+'''
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,14 +184,24 @@ class Runner:
     def gen(self, prompt: str, steps: int | None = None, tag: str = "") -> float:
         if tag and tag != "cycle":
             print(f"{self.system}: {tag} {prompt[:70]}", flush=True)
+        start = self.server.log.stat().st_size
         t0 = time.perf_counter()
         g = self.server.txt2img(prompt, size=self.args.size, steps=steps or self.args.steps)
         seconds = time.perf_counter() - t0
         errors = g.params.get("Lora errors")
         if errors:
             raise RuntimeError(f"{self.system}: {prompt}: {errors}")
-        self.log.append({"tag": tag, "prompt": prompt, "steps": steps or self.args.steps, "s": seconds})
+        self.log.append({"tag": tag, "prompt": prompt, "steps": steps or self.args.steps, "s": seconds,
+                         "unet_calls": self.unet_calls(start)})
         return seconds
+
+    def unet_calls(self, start: int) -> list[float]:
+        """The step timer's times since byte ``start`` of the server's log."""
+        with open(self.server.log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+        return [float(line.split(STEP_TIMER_MARK, 1)[1].split()[0])
+                for line in text.splitlines() if STEP_TIMER_MARK in line]
 
     def xyz(self, prompt: str, axis: str, values: str) -> float:
         info = [s for s in self.server.get("/sdapi/v1/script-info") if s["name"] == XYZ and not s["is_img2img"]][0]
@@ -166,6 +210,7 @@ class Runner:
                 False, False, False, 0, False]
         payload = {"prompt": prompt, "width": self.args.size, "height": self.args.size, "steps": self.args.steps,
                    "batch_size": 1, "n_iter": 1, "script_name": XYZ, "script_args": args}
+        start = self.server.log.stat().st_size
         t0 = time.perf_counter()
         images, info = self.server.txt2img_all(payload)
         seconds = time.perf_counter() - t0
@@ -173,7 +218,8 @@ class Runner:
             raise RuntimeError(f"{self.system}: X/Y/Z gave {len(images)} images, not a grid and 6 cells")
         if "Lora errors" in info.get("extra_generation_params", {}):
             raise RuntimeError(f"{self.system}: {info['extra_generation_params']['Lora errors']}")
-        self.log.append({"tag": "xyz", "prompt": prompt, "axis": axis, "values": values, "s": seconds})
+        self.log.append({"tag": "xyz", "prompt": prompt, "axis": axis, "values": values, "s": seconds,
+                         "unet_calls": self.unet_calls(start)})
         return seconds
 
 
@@ -335,6 +381,26 @@ def paired_extra(log: list[dict], tag: str) -> list[float]:
     return [entry["s"] - log[i - 1]["s"] for i, entry in enumerate(log) if entry["tag"] == tag and i > 0]
 
 
+def unet_figures(log: list[dict], label: str) -> dict:
+    """From the step timer (absent in results of runs before it): the median denoiser call in the steady
+    generations with the stack and without LoRA, and per X/Y/Z run the median call and the time outside the calls
+    (text encoder, activation, VAE, the grid), each against the plain run next to it."""
+    calls = {k: [c for e in log if e["tag"].startswith(f"steady_{k}_") for c in e.get("unet_calls", [])]
+             for k in (label, "lnone")}
+    if not all(calls.values()):
+        return {}
+    out = {"unet_lyco_s": med(calls[label]), "unet_lnone_s": med(calls["lnone"])}
+    out["unet_steady_ratio"] = out["unet_lyco_s"] / out["unet_lnone_s"]
+    runs = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "test_loha" in e["prompt"]]
+    plain = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "<lora:" not in e["prompt"]]
+    if runs and plain:
+        out["sweep_unet_call_ratio"] = med([med(e["unet_calls"]) for e in runs]) / \
+            med([med(e["unet_calls"]) for e in plain])
+        out["sweep_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in runs])
+        out["sweep_plain_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in plain])
+    return out
+
+
 def derive(system: dict, args: argparse.Namespace) -> dict:
     s = system["samples"]
     t0 = med(s["plain"])
@@ -351,6 +417,7 @@ def derive(system: dict, args: argparse.Namespace) -> dict:
                 "lyco_sweep_ratio": med([a / b for a, b in zip(s["lyco_sweep"], s["lyco_sweep_plain"])]),
                 "step_lyco_s": per_step("lyco"), "step_lnone_s": per_step("lnone")}
         lyco["lyco_steady_step_ratio"] = lyco["step_lyco_s"] / lyco["step_lnone_s"]
+        lyco.update(unet_figures(log, "lyco"))
     if "sweep" not in s:  # --lycoris-only
         return {"plain_s": t0, **lyco}
     sweep = {"sweep_s": med(s["sweep"]), "sweep_plain_s": med(s["sweep_plain"]),
@@ -377,11 +444,12 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
              "|---|" + "---:|" * (len(systems) + (len(systems) == 2))]
 
     def row(label: str, key: str, fmt: str = "{:.3f}", ratio: bool = True) -> None:
-        if any(key not in d[k] for k in systems):  # not measured (--sweep-only)
+        if all(key not in d[k] for k in systems):  # not measured (--sweep-only)
             return
-        cells = [fmt.format(d[k][key]) for k in systems]
+        cells = [fmt.format(d[k][key]) if key in d[k] else "n/a" for k in systems]  # n/a: a reused older run
         if len(systems) == 2:
-            cells.append(f"{d['ours'][key] / d['builtin'][key]:.3f}" if ratio and d["builtin"][key] else "")
+            both = all(key in d[k] for k in systems)
+            cells.append(f"{d['ours'][key] / d['builtin'][key]:.3f}" if both and ratio and d["builtin"][key] else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("plain generation (s)", "plain_s", ratio=False)
@@ -403,6 +471,12 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("steady per-step s, LoRA + LoHa + LoKr", "step_lyco_s", "{:.4f}", ratio=False)
     row("steady per-step s, no LoRA, next to it", "step_lnone_s", "{:.4f}", ratio=False)
     row("steady per-step, LyCORIS stack / no LoRA", "lyco_steady_step_ratio", ratio=False)
+    row("step timer: steady UNet call s, LoRA + LoHa + LoKr", "unet_lyco_s", "{:.4f}", ratio=False)
+    row("step timer: steady UNet call s, no LoRA", "unet_lnone_s", "{:.4f}", ratio=False)
+    row("step timer: steady UNet call, LyCORIS stack / no LoRA", "unet_steady_ratio", ratio=False)
+    row("step timer: X/Y/Z UNet call, LoHa / plain", "sweep_unet_call_ratio", ratio=False)
+    row("step timer: X/Y/Z outside the UNet s, LoHa", "sweep_outside_s", "{:.2f}", ratio=False)
+    row("step timer: X/Y/Z outside the UNet s, plain", "sweep_plain_outside_s", "{:.2f}", ratio=False)
     if any("rss_cycles" not in results[k] for k in systems):  # --sweep-only, --lycoris-only
         return "\n".join(lines)
     f = next(iter(files.values()))
@@ -453,7 +527,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with extension_linked(webui):  # this checkout in extensions/ while the servers run (left alone if one is there)
+        # this checkout in extensions/ while the servers run, and the step timer beside it
+        with helper_extension(webui, STEP_TIMER_NAME, {"step_timer.py": STEP_TIMER}):
             for system in systems:
                 disabled = [EXTENSION_NAME] if system == "builtin" else [BUILTIN_NAME]
                 t0 = time.time()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from webui import BUILTIN_NAME, Generation, WebUI, checkpoint, extension_linked, psnr, same_pixels, webui_dir
+from webui import BUILTIN_NAME, Generation, WebUI, checkpoint, helper_extension, psnr, same_pixels, webui_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -69,22 +69,15 @@ def server():
     if not CKPT.is_file() or not (LORA_DIR / "test_lora.safetensors").is_file():
         pytest.skip(f"{CKPT} or {LORA_DIR}/test_lora.safetensors is missing (../shared/testbed/setup.sh makes them)")
     work = Path(tempfile.mkdtemp(prefix="lora-core-e2e-batch-"))
-    (work / HELPER / "scripts").mkdir(parents=True)
-    (work / HELPER / "scripts" / "per_image_prompts.py").write_text(SCRIPT)
-    link = WEBUI / "extensions" / HELPER
-    with extension_linked(WEBUI):
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(work / HELPER)
-        try:
+    try:
+        with helper_extension(WEBUI, HELPER, {"per_image_prompts.py": SCRIPT}):
             ui = WebUI(WEBUI, CKPT, [BUILTIN_NAME], work)
             try:
                 yield ui
             finally:
                 ui.stop()
-        finally:
-            link.unlink()
-            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def batch(ui: WebUI, prompts: list[str], **extra) -> list[Generation]:

@@ -79,6 +79,29 @@ def extension_linked(webui: Path) -> Iterator[None]:
             lock.close()
 
 
+@contextmanager
+def helper_extension(webui: Path, name: str, scripts: dict[str, str]) -> Iterator[None]:
+    """A temporary extension ``name`` (``scripts``: file name -> source, in its scripts/ folder) linked into the
+    WebUI while the block runs (and this checkout with it, under the lock of ``extension_linked``)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lora-core-helper-")) / name
+    (folder / "scripts").mkdir(parents=True)
+    for file, source in scripts.items():
+        (folder / "scripts" / file).write_text(source)
+    link = webui / "extensions" / name
+    with extension_linked(webui):
+        if link.is_symlink():
+            link.unlink()  # left by an interrupted run
+        link.symlink_to(folder)
+        try:
+            yield
+        finally:
+            link.unlink()
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
