@@ -36,8 +36,9 @@ LOCON = "a cat <lora:e2e_locon:0.8>"
 STACK = "a cat <lora:test_lora:0.7:0.3> <lora:e2e_locon:-0.5:1>"
 LOHA = "a cat <lora:test_loha:1>"
 LOKR = "a cat <lora:test_lokr:1>"
-COMPARED = [LORA1, LOCON, STACK, LOHA, LOKR]
-STEADY = [LORA1, STACK, LOHA]  # asked twice in a row: bypass, then merged
+DORA = "a cat <lora:e2e_dora:0.8>"
+COMPARED = [LORA1, LOCON, STACK, LOHA, LOKR, DORA]
+STEADY = [LORA1, STACK, LOHA, DORA]  # asked twice in a row: bypass, then merged
 RANK32_TE_NAME = "e2e_rank32_te"
 RANK32_TE = f"a cat <lora:{RANK32_TE_NAME}:0.8>"
 LBW = {name: f"a cat <lora:test_lora:1:1:lbw={name}>" for name in ("ALL", "NONE", "MIDD")}
@@ -91,6 +92,7 @@ def lora_files():
         locon[f"{name}.alpha"] = torch.tensor(2.0).half()
     save_file(locon, str(E2E_DIR / "e2e_locon.safetensors"),
               metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    _write_dora(locon, E2E_DIR / "e2e_dora.safetensors", gen)
     data = (LORA_DIR / "test_lora.safetensors").read_bytes()
     (E2E_DIR / "e2e_corrupt.safetensors").write_bytes(data[: len(data) // 3])
     save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280).half(),
@@ -102,6 +104,22 @@ def lora_files():
     with extension_linked(WEBUI):
         yield
     shutil.rmtree(E2E_DIR, ignore_errors=True)
+
+
+def _write_dora(locon: dict, path: Path, gen: torch.Generator) -> None:
+    """The LoCon's layers with a kohya DoRA magnitude (``dora_scale`` (1, in, ...), one per input column, as the
+    built-in reads it): the base weight's column norms times 0.8-1.2, so the layers are rescaled, not wrecked."""
+    from safetensors import safe_open
+
+    dora = dict(locon)
+    pairs = _locon_pairs()
+    with safe_open(str(CKPT), "pt") as f:
+        for name, key in pairs.items():
+            w = f.get_tensor(key + ".weight").float()
+            norms = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+            factor = 0.8 + 0.4 * torch.rand(w.shape[1], generator=gen)
+            dora[f"{name}.dora_scale"] = (norms * factor).reshape(1, w.shape[1], *[1] * (w.dim() - 2)).half()
+    save_file(dora, str(path), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
 
 
 def _write_rank32_te_lora(path: Path) -> None:
@@ -169,6 +187,13 @@ def hashes(g: Generation) -> str | None:
 
 def test_lora_changes_the_image(ours_images):
     assert psnr(ours_images[LORA1], ours_images["base_before"]) < 40
+
+
+def test_dora_magnitude_is_applied_by_both(ours_images, builtin):
+    """The DoRA file is the LoCon plus ``dora_scale``: both systems give another image than the LoCon's (so the
+    comparison with the built-in above is a comparison of DoRA, which ours runs in bypass without a full delta)."""
+    assert psnr(ours_images[DORA], ours_images[LOCON]) < 40
+    assert psnr(builtin[DORA], builtin[LOCON]) < 40
 
 
 def test_zero_weight_is_the_no_lora_image(ours_images, builtin):
