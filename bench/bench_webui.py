@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cycles", type=int, default=100, help="switch cycles (A then B) for our RSS")
     ap.add_argument("--builtin-cycles", type=int, default=20)
     ap.add_argument("--sweep-pairs", type=int, default=6, help="X/Y/Z weight sweeps, each paired with a plain one")
+    ap.add_argument("--steady-pairs", type=int, default=6,
+                    help="f: pairs of step-timed blocks (LyCORIS stack, steady / no LoRA), in ABBA order")
     ap.add_argument("--sweep-only", action="store_true",
                     help="only figure d (one server per system): e.g. at a size where the UNet, not the fixed costs of "
                          "a generation, dominates (--size 256 --steps 10)")
@@ -300,6 +302,16 @@ def measure_lycoris(r: Runner, args: argparse.Namespace, system: str, s: dict) -
         for _ in range(args.reps):
             s[f"steady_{label}_short"].append(r.gen(prompt, tag=f"steady_{label}_short"))
             s[f"steady_{label}_long"].append(r.gen(prompt, args.long_steps, tag=f"steady_{label}_long"))
+    # the same state timed by the step timer in more, shorter blocks, each pair of blocks next to each other
+    # (ABBA): the machine's speed drifts by more than the figure over minutes, neighbours share the drift
+    for i in range(args.steady_pairs):
+        pair = (("lyco", stack), ("lnone", PROMPT)) if i % 2 == 0 else (("lnone", PROMPT), ("lyco", stack))
+        for label, prompt in pair:
+            r.gen(prompt)
+            r.gen(prompt)  # the stack's first generation is bypass (a new set), this one merged (steady)
+            for _ in range(args.reps):
+                r.gen(prompt, tag="steady_block")
+                r.log[-1].update(label=label, block=2 * i + (label != pair[0][0]))
 
 
 def measure_lycoris_only(server: WebUI, args: argparse.Namespace, system: str) -> dict:
@@ -391,6 +403,15 @@ def unet_figures(log: list[dict], label: str) -> dict:
         return {}
     out = {"unet_lyco_s": med(calls[label]), "unet_lnone_s": med(calls["lnone"])}
     out["unet_steady_ratio"] = out["unet_lyco_s"] / out["unet_lnone_s"]
+    blocks: dict[int, dict] = {}
+    for e in log:
+        if e["tag"] == "steady_block" and e.get("unet_calls"):
+            blocks.setdefault(e["block"], {"label": e["label"], "calls": []})["calls"] += e["unet_calls"]
+    pairs = [(blocks[2 * i], blocks[2 * i + 1]) for i in range(len(blocks) // 2)
+             if 2 * i in blocks and 2 * i + 1 in blocks]
+    if pairs:  # per pair of neighbouring blocks: the stack's median call / the plain one's
+        out["unet_steady_pair_ratio"] = med([med(a["calls"]) / med(b["calls"]) if a["label"] == label
+                                             else med(b["calls"]) / med(a["calls"]) for a, b in pairs])
     runs = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "test_loha" in e["prompt"]]
     plain = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "<lora:" not in e["prompt"]]
     if runs and plain:
@@ -474,6 +495,8 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("step timer: steady UNet call s, LoRA + LoHa + LoKr", "unet_lyco_s", "{:.4f}", ratio=False)
     row("step timer: steady UNet call s, no LoRA", "unet_lnone_s", "{:.4f}", ratio=False)
     row("step timer: steady UNet call, LyCORIS stack / no LoRA", "unet_steady_ratio", ratio=False)
+    row("step timer: steady UNet call, stack / no LoRA, median of ABBA block pairs", "unet_steady_pair_ratio",
+        ratio=False)
     row("step timer: X/Y/Z UNet call, LoHa / plain", "sweep_unet_call_ratio", ratio=False)
     row("step timer: X/Y/Z outside the UNet s, LoHa", "sweep_outside_s", "{:.2f}", ratio=False)
     row("step timer: X/Y/Z outside the UNet s, plain", "sweep_plain_outside_s", "{:.2f}", ratio=False)
