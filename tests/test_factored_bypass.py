@@ -10,13 +10,16 @@ each row by no more numbers than the dense delta) and the automatic mode's use o
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 import lora_core.cost as cost
-from lora_core.adapters.base import ConvBypass, LayerOp, LinearBypass, OutputBypass, face_split
+from lora_core.adapters.base import (ConvBypass, LayerOp, LinearBypass, OutputBypass, PointwiseConvBypass,
+                                     face_split)
 from lora_core.adapters.dora import DoraForm
 from lora_core.adapters.ia3 import IA3Form
 from lora_core.adapters.lokr import KronConvBypass, KronLinearBypass
@@ -314,10 +317,35 @@ def test_a_merge_with_an_adapter_that_reads_the_weight_uses_the_original(kind, f
     assert torch.equal(index.weight(target), w0)
 
 
+@contextmanager
+def counting_convs():
+    """The convolutions the adapters' module runs inside the block (``F.conv2d`` as ``lora_core.adapters.base``
+    sees it)."""
+    import lora_core.adapters.base as base_module
+
+    calls: list[str] = []
+    real = base_module.F
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def conv2d(self, *args, **kwargs):
+            calls.append("conv2d")
+            return real.conv2d(*args, **kwargs)
+
+    base_module.F = Counting()
+    try:
+        yield calls
+    finally:
+        base_module.F = real
+
+
 @pytest.mark.parametrize("case_id", ["loha", "loha_tucker"])
 def test_conv_form_adds_into_the_output_in_either_layout(case_id, fresh_sd1, tmp_path):
-    """``add_to`` (the hook's in-place path while sampling) adds ``m * fn(x)``; the 1x1 up runs as a matmul on a
-    contiguous tensor and as a convolution on a channels-last one."""
+    """``add_to`` (the hook's in-place path while sampling) adds ``m * fn(x)``; the 1x1 up runs as one GEMM into
+    the output in its own layout (channel-by-pixel matrices for a contiguous one, a pixel-by-channel matrix for a
+    channels-last one), whatever the input's layout."""
     index = ModelIndex(fresh_sd1)
     for role, module, adapter in forms(index, case_id, tmp_path):
         op = LayerOp.of(module)
@@ -325,14 +353,18 @@ def test_conv_form_adds_into_the_output_in_either_layout(case_id, fresh_sd1, tmp
             continue
         fn = adapter.low_rank_bypass(op, torch.device("cpu"), torch.float32, None)
         assert isinstance(fn, ConvBypass) or role == "conv1x1"
-        for layout in (torch.contiguous_format, torch.channels_last):
-            x = layer_x(module, torch.float32).contiguous(memory_format=layout)
+        layouts = (torch.contiguous_format, torch.channels_last)
+        for x_layout, out_layout in [(a, b) for a in layouts for b in layouts]:  # A1111 hands either, mixed too
+            x = layer_x(module, torch.float32).contiguous(memory_format=x_layout)
             with torch.no_grad():
-                y = module(x)
+                y = module(x).contiguous(memory_format=out_layout)
                 want = y.double() + 0.6 * dense_output(adapter, module, x)
-                add_to = getattr(fn, "add_to", None)
-                add_to(y, x, 0.6) if add_to is not None else y.add_(fn(x), alpha=0.6)
-            assert rel_err(y, want) < 1e-5, (case_id, role, layout)
+                with counting_convs() as convs:
+                    fn.add_to(y, x, 0.6)
+            downs = 0 if isinstance(fn, PointwiseConvBypass) else 1 + (fn.mid is not None)  # the up is a GEMM
+            assert len(convs) == downs, (role, x_layout, out_layout)
+            assert y.is_contiguous(memory_format=out_layout)
+            assert rel_err(y, want) < 1e-5, (case_id, role, x_layout, out_layout)
 
 
 # ---------------------------------------------------------------- DoRA

@@ -210,18 +210,38 @@ class PointwiseConvBypass:
         return F.conv2d(F.conv2d(x, self.down[:, :, None, None]), self.up[:, :, None, None]) * self.scale
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
-        alpha = m * self.scale
         if out.dtype == x.dtype and out.dim() == 4 and out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]:
-            flat, out_flat = self._flat(x), self._flat(out)
-            if flat is not None and out_flat is not None:
-                n = x.shape[0]
-                out_flat.baddbmm_(self.up.expand(n, *self.up.shape), torch.matmul(self.down, flat), alpha=alpha)
-                return
-            rows, out_rows = self._rows(x), self._rows(out)
-            if rows is not None and out_rows is not None:
-                out_rows.addmm_(F.linear(rows, self.down), self.up.t(), alpha=alpha)
+            flat = self._flat(x)
+            if flat is not None:
+                h = torch.matmul(self.down, flat).view(x.shape[0], -1, *x.shape[2:])
+            else:
+                rows = self._rows(x)
+                h = None if rows is None else F.linear(rows, self.down).view(x.shape[0], *x.shape[2:], -1) \
+                    .permute(0, 3, 1, 2)
+            if h is not None and add_pointwise(out, h, self.up, m * self.scale):
                 return
         out.add_(self(x), alpha=m)
+
+
+def add_pointwise(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float) -> bool:
+    """``out += alpha * up(h)``, ``up`` (out, R) a 1x1 convolution on the R-channel ``h``, as one GEMM into ``out``
+    in its own memory layout (a contiguous ``out`` is a batch of channel-by-pixel matrices, a channels-last one a
+    pixel-by-channel matrix); ``h``, R channels, is copied into that layout where it is not. False where ``out``
+    is in neither layout (the caller adds a computed ``up(h)``)."""
+    if out.dtype != h.dtype or out.shape[0] != h.shape[0] or out.shape[2:] != h.shape[2:]:
+        return False
+    up = up.reshape(up.shape[0], -1)
+    out_flat = PointwiseConvBypass._flat(out)
+    if out_flat is not None:
+        flat = h.contiguous().view(h.shape[0], h.shape[1], -1)
+        out_flat.baddbmm_(up.expand(h.shape[0], *up.shape), flat, alpha=alpha)
+        return True
+    out_rows = PointwiseConvBypass._rows(out)
+    if out_rows is not None:
+        rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        out_rows.addmm_(rows, up.t(), alpha=alpha)
+        return True
+    return False
 
 
 class ConvBypass:
@@ -258,11 +278,7 @@ class ConvBypass:
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, m: float) -> None:
         h = self._down(x)
-        flat, out_flat = PointwiseConvBypass._flat(h), PointwiseConvBypass._flat(out)
-        if flat is not None and out_flat is not None and out.dtype == h.dtype and out.shape[0] == h.shape[0] \
-                and out.shape[2:] == h.shape[2:]:
-            up = self.up.view(self.up.shape[0], -1)
-            out_flat.baddbmm_(up.expand(h.shape[0], *up.shape), flat, alpha=m * self.scale)
+        if out.dim() == 4 and h.dim() == 4 and add_pointwise(out, h, self.up, m * self.scale):
             return
         out.add_(F.conv2d(h, self.up), alpha=m * self.scale)
 
