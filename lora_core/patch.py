@@ -95,6 +95,7 @@ class _Layer:
     created: list[str] = field(default_factory=list)  # param paths created (a bias the layer did not have)
     hook: torch.utils.hooks.RemovableHandle | None = None
     prepared: dict[tuple, list] = field(default_factory=dict)  # (device, dtype) -> bypass functions / deltas
+    reads_output: dict[tuple, bool] = field(default_factory=dict)  # (device, dtype) -> a prepared form reads it
     baked: list[float] | None = None  # multipliers merged into the weights (None: the weights are the original)
     hooked: list[float] = field(default_factory=list)  # what the hook adds, per entry: multiplier - baked
     context: bool = False  # the input is the text conditioning (see ContextMemo)
@@ -412,6 +413,7 @@ class Patcher:
                 op = LayerOp.of(layer.module)
                 prepared = [self._rows_of(e, self.bypass.functions(e, op, x.device, x.dtype)) for e in layer.entries]
         layer.prepared[key] = prepared
+        layer.reads_output[key] = any(hasattr(fn, "from_output") for fn in prepared)
         return prepared
 
     def _rows_of(self, entry: PlanEntry, fn: Bypass) -> Bypass:
@@ -436,7 +438,7 @@ class Patcher:
                 # weights, an fp32 timestep embedding into fp16 weights): so does its delta
                 x = x.to(device=output.device, dtype=output.dtype)
             fns: list[Bypass] = self._prepare(layer, x)
-            if layer.baked is None and any(hasattr(fn, "from_output") for fn in fns):
+            if layer.baked is None and layer.reads_output[(x.device, x.dtype)]:
                 # forms that read the layer's output (IA3, OFT): from the output over the original weights,
                 # taken before anything is added to it; each becomes a plain function of this call
                 fns = [_given(fn.from_output(x, output, mod), fn) if hasattr(fn, "from_output") else fn

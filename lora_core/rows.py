@@ -134,16 +134,20 @@ class RowRouter:
         self.sets = sets
         self.default = (sets.weights(0),)  # the built-in's choice: the first prompt's LoRAs everywhere
         self._layout: list[tuple[float, ...]] | None = None
+        self._layouts: dict[tuple, list[tuple[float, ...]] | None] = {}  # (counts, rows) -> layout: once per pass
         self._cursor = 0
         self.unplaced = 0  # calls no layout accounted for
 
     def begin_step(self, counts: Sequence[int], rows: int) -> bool:
         """A new step of the CFG denoiser over ``rows`` rows; False (and calls get the default) when the layout is
         not the one expected."""
-        owners = cfg_rows(counts, rows)
-        self._layout = None if owners is None else [self.sets.weights(i, j) for i, j in owners]
+        key = (tuple(counts), rows)
+        if key not in self._layouts:  # the sets are fixed for the pass: every step has the same layout
+            owners = cfg_rows(counts, rows)
+            self._layouts[key] = None if owners is None else [self.sets.weights(i, j) for i, j in owners]
+        self._layout = self._layouts[key]
         self._cursor = 0
-        return owners is not None
+        return self._layout is not None
 
     def rows_of_call(self, batch: int) -> Sequence[Sequence[float]]:
         layout = self._layout

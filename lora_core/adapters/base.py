@@ -344,6 +344,15 @@ def without_bias(y: torch.Tensor, module: nn.Module, op: LayerOp) -> torch.Tenso
     return y - (b.reshape(-1, 1, 1) if op.is_conv else b)
 
 
+def own_weight(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's weight, detached, where it can run on ``x`` as it is (same dtype and device); None otherwise
+    (e.g. float8 storage): a form reading the weight then leaves it to the dense delta."""
+    weight = module.weight
+    if weight.dtype != x.dtype or weight.device != x.device:
+        return None
+    return weight.detach()
+
+
 def to32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedLayerError
-from .base import Bypass, LayerOp, numel, without_bias
+from .base import Bypass, LayerOp, numel, own_weight, without_bias
 
 
 def per_output_row(magnitude: torch.Tensor, shape: tuple[int, ...]) -> bool | None:
@@ -92,14 +92,14 @@ class DoraForm:
         return self._scales
 
     def from_output(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
-        weight = module.weight
-        if weight.dtype != x.dtype or weight.device != x.device:  # e.g. float8 storage: the dense delta
+        weight = own_weight(module, x)
+        if weight is None:
             return None
         s, s_minus_1 = self.scales(weight, x.device, x.dtype)
         if self.on_out:
             h = self.plain(x)
             return h.mul_(s).add_(without_bias(y, module, self.op) * s_minus_1)
-        h = self.op(x * s_minus_1, weight.detach())
+        h = self.op(x * s_minus_1, weight)
         return h.add_(self.plain(x * s))
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import UnsupportedLayerError
 from torch import nn
 
-from .base import Adapter, Bypass, LayerOp, TargetInfo, numel, scalar, without_bias
+from .base import Adapter, Bypass, LayerOp, TargetInfo, numel, own_weight, scalar, without_bias
 
 
 class IA3Adapter(Adapter):
@@ -85,7 +85,5 @@ class IA3Form:
     def from_output(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
         if not self.on_input:
             return without_bias(y, module, self.op) * self._along_channels()
-        weight = module.weight
-        if weight.dtype != x.dtype or weight.device != x.device:
-            return None
-        return self.op(x * self._along_channels(), weight.detach())
+        weight = own_weight(module, x)
+        return None if weight is None else self.op(x * self._along_channels(), weight)
