@@ -4,13 +4,16 @@ On a machine with CUDA (``bench/gpu_check.sh`` picks the python), it
 
 1. runs the tests marked ``gpu`` (``pytest -m gpu`` on the modules under ``tests/`` that use the marker), and
 2. for an SD1.5-sized UNet (64x64 latent = 512x512 image) and an SDXL-sized one (128x128 = 1024x1024), in fp16
-   under autocast as A1111 runs them, batch 2 (cond + uncond), with a rank-32 LoRA on kohya's default layers
-   (every Linear and 1x1 conv in the transformer blocks: attention, feed-forward, proj_in/out), measures:
+   under autocast as A1111 runs them, batch 2 (cond + uncond), with each set of ``--sets`` in turn (``lora``: a
+   rank-32 LoRA on kohya's default layers, every Linear and 1x1 conv in the transformer blocks; ``loha`` and
+   ``lokr``: LyCORIS's full preset, every Linear and Conv2d of the UNet, as many downloaded files are), measures:
    the UNet step with no LoRA, in bypass and in merged mode (median of the timed steps of every round, each
    step synchronised; rounds alternate the modes); the activation (``Patcher.apply`` + the first step's extra
    time over the steady step, when bypass prepares its functions); the peak memory of activation and two steps
-   over that of a no-LoRA step (``torch.cuda.max_memory_allocated``); and whether every parameter and buffer
-   is bitwise the original after the last restore.
+   over that of a no-LoRA step (``torch.cuda.max_memory_allocated``); a weight change (an X/Y/Z cell: the same
+   set applied at another weight in the same mode, plus the next step's extra time); and whether every parameter
+   and buffer is bitwise the original after the last restore. Below the table, the cost model's figures
+   (``lora_core.cost``, what ``auto`` decides with) beside the measured ones.
 
 It prints one Markdown table (a row per UNet) and writes the raw figures as JSON (``bench/out/gpu_check.json``).
 Attention runs through ``scaled_dot_product_attention`` as A1111 runs it on CUDA, not ldm's float32 matrix,
@@ -46,6 +49,11 @@ BENCH = ROOT / "bench"
 GPU_MARK = re.compile(r"^[^#'\"\n]*pytest\.mark\.gpu\b", re.MULTILINE)  # in code, not in a comment or string
 MIB = 1 << 20
 MODES = ("none", "bypass", "merged")
+SETS = {  # what each row's network is
+    "lora": "rank-{rank} kohya LoRA on kohya's default layers",
+    "loha": "LoHa rank {lycoris_rank}, LyCORIS full preset (every UNet Linear and Conv2d)",
+    "lokr": "LoKr rank {lycoris_rank}, LyCORIS full preset (every UNet Linear and Conv2d)",
+}
 NOT_RUN, FAILED = 2, 1
 
 
@@ -90,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round (default 10; tiny 2)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = cond + uncond)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank")
+    p.add_argument("--sets", default="lora,loha,lokr", help=f"networks to measure on each UNet, of {','.join(SETS)}")
+    p.add_argument("--lycoris-rank", type=int, default=8, help="rank of the LoHa / LoKr factors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tests", dest="tests", action="store_false", help="skip the tests marked gpu")
     p.add_argument("--out", type=Path, default=BENCH / "out" / "gpu_check.json", help="JSON output")
@@ -98,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --sizes {unknown}; choose from {sorted(SIZES)}")
     args.sizes = args.sizes.split(",")
+    args.sets = args.sets.split(",")
+    if unknown := [s for s in args.sets if s not in SETS]:
+        p.error(f"unknown --sets {unknown}; choose from {sorted(SETS)}")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     args.rounds = args.rounds or (2 if args.tiny else 3)
     args.steps = args.steps or (2 if args.tiny else 10)
@@ -218,37 +231,78 @@ def measure_memory(memory, patcher, plan, step) -> tuple[dict, dict]:
     return mem, outputs
 
 
-def measure_rounds(engine, new_patcher, plan, step, device, rounds: int, steps: int) -> dict:
-    """Per mode, the steady steps of every round and the activations (apply + first step's extra).
+def measure_rounds(engine, new_patcher, plans, step, device, rounds: int, steps: int) -> dict:
+    """Per mode, the steady steps of every round, the activations (apply + first step's extra) and the weight
+    changes (the same set applied at another weight in the same mode + the next step's extra: an X/Y/Z cell).
 
     Each round has a new Patcher: a Patcher keeps prepared bypass factors after a restore, and the figure
     wanted is a LoRA's first activation (its file already loaded)."""
-    samples = {m: {"step": [], "apply": [], "first_step_extra": [], "activation": []} for m in MODES}
+    plan, other = plans
+    samples = {m: {"step": [], "apply": [], "first_step_extra": [], "activation": [], "change": []} for m in MODES}
     for _ in range(rounds):
         patcher = new_patcher()
         for mode in MODES:
             apply_s = engine.timed(lambda: mode == "none" or patcher.apply(plan, mode), device)
             first_s = engine.timed(step, device)
             steady = [engine.timed(step, device) for _ in range(steps)]
-            extra = first_s - statistics.median(steady)
+            median = statistics.median(steady)
+            extra = first_s - median
             s = samples[mode]
             s["step"] += steady
             s["apply"].append(apply_s)
             s["first_step_extra"].append(extra)
             s["activation"].append(apply_s + max(extra, 0.0))
+            if mode != "none":
+                change_s = engine.timed(lambda: patcher.apply(other, mode), device)
+                s["change"].append(change_s + max(engine.timed(step, device) - median, 0.0))
             patcher.restore()
         gc.collect()
     return samples
 
 
-def measure_size(size: UNetSize, args: argparse.Namespace, engine) -> dict:
-    """Build one UNet, make and load a LoRA, and take every figure of its row."""
+def full_preset_targets(index, root) -> list:
+    """LyCORIS's full preset on the UNet: every Linear and Conv2d."""
+    from torch import nn
+    from lora_core.model_index import Target
+
+    return [Target(name) for name, module in index.modules.items()
+            if name.startswith("model.diffusion_model.") and isinstance(module, (nn.Linear, nn.Conv2d))]
+
+
+def make_set(name: str, index, root, args: argparse.Namespace, engine) -> tuple[dict, int]:
+    """The state dict of one ``SETS`` network for this model (fp16, as files are shipped) and its layer count."""
     import torch
-    from lora_core.io import save_safetensors
+    from lora_factory import LoraSpec, lycoris_tensors, make_kohya_lora
+
+    if name == "lora":
+        targets = engine.kohya_default_targets(root, index)
+        spec = LoraSpec(rank=args.rank, alpha=args.rank / 2, dtype=torch.float16, std=0.03)
+        return make_kohya_lora(index, targets, spec, seed=args.seed), len(targets)
+    targets = full_preset_targets(index, root)
+    kohya = {}
+    for kohya_name, target in index.kohya_names():
+        kohya.setdefault(target, kohya_name)
+    gen = torch.Generator().manual_seed(args.seed)
+    sd = {}
+    for target in targets:
+        for key, t in lycoris_tensors(name, index.weight_shape(target), gen, rank=args.lycoris_rank).items():
+            sd[f"{kohya[target]}.{key}"] = t.half()
+    return sd, len(targets)
+
+
+def predicted(network, index, latent: int, batch: int, device) -> dict:
+    """What ``lora_core.cost`` says this set costs on ``device``: bypass per UNet call, a merge once."""
+    from lora_core.cost import Workload, device_costs, estimate
+
+    costs = network.unet_costs(index)
+    bypass, merge = estimate(costs, Workload(calls=1, rows=latent * latent * batch), device_costs(device))
+    return {"bypass_step_extra_s": bypass, "merge_s": merge, "unet_layers": len(costs)}
+
+
+def build_size(size: UNetSize, args: argparse.Namespace, engine):
+    """One UNet at ``size`` with SDP attention, its index, a host copy of it and its inputs."""
+    import torch
     from lora_core.model_index import ModelIndex
-    from lora_core.network import load_network
-    from lora_core.patch import Patcher
-    from lora_factory import LoraSpec, make_kohya_lora
 
     device, dtype = torch.device(args.device), engine.DTYPES[args.dtype]
     t0 = time.perf_counter()
@@ -256,69 +310,106 @@ def measure_size(size: UNetSize, args: argparse.Namespace, engine) -> dict:
     if device.type == "cpu" and dtype != torch.float32:
         float_norms(root)
     attention = use_sdp_attention(root)
-    index = ModelIndex(root)
-    targets = engine.kohya_default_targets(root, index)
-    original = host_copy(root)
     inputs = engine.unet_inputs(args.batch, size.latent, device, dtype, args.seed, size.context_dim,
                                 size.adm_in_channels)
+    built = {"label": size.label, "latent": size.latent, "dtype": args.dtype, "batch": args.batch,
+             "parameters": sum(p.numel() for p in root.parameters()), "sdp_attention_layers": attention,
+             "build_s": time.perf_counter() - t0}
+    print(f"  {size.label}: {built['parameters'] / 1e6:.0f}M parameters, {attention} attention layers on SDP; "
+          f"built in {built['build_s']:.0f} s", flush=True)
+    return root, ModelIndex(root), host_copy(root), inputs, built
+
+
+def measure_size(size: UNetSize, args: argparse.Namespace, engine) -> list[dict]:
+    """Build one UNet and take every figure of one row per set; a set that fails is reported, the next measured."""
+    import torch
+
+    device = torch.device(args.device)
+    root, index, original, inputs, built = build_size(size, args, engine)
 
     def step():
         return engine.unet_step(root, inputs)
 
-    result = {"label": size.label, "latent": size.latent, "dtype": args.dtype, "batch": args.batch,
-              "parameters": sum(p.numel() for p in root.parameters()), "lora_layers": len(targets),
-              "sdp_attention_layers": attention, "rank": args.rank}
+    for _ in range(2):
+        step()  # warm-up: kernels, allocator
+    rows = []
+    for name in args.sets:
+        try:
+            rows.append(measure_set(name, root, index, original, step, built, args, engine))
+        except Exception as e:  # an out-of-memory, say: the model is restored by the next set's check
+            traceback.print_exc()
+            rows.append({**built, "set": name, "error": f"failed: {type(e).__name__}: {e}".splitlines()[0][:200]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del root, original
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure_set(name: str, root, index, original: dict, step, built: dict, args: argparse.Namespace,
+                engine) -> dict:
+    import torch
+    from lora_core.io import save_safetensors
+    from lora_core.network import load_network
+    from lora_core.patch import Patcher
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    result = {**built, "set": name, "network": SETS[name].format(rank=args.rank, lycoris_rank=args.lycoris_rank)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "lora.safetensors"
-        spec = LoraSpec(rank=args.rank, alpha=args.rank / 2, dtype=torch.float16, std=0.03)
-        save_safetensors(make_kohya_lora(index, targets, spec, seed=args.seed), path)
+        path = Path(tmp) / f"{name}.safetensors"
+        sd, result["lora_layers"] = make_set(name, index, root, args, engine)
+        save_safetensors(sd, path)
         network = load_network(path, index)
-        plan = network.plan(index, te=1.0, unet=1.0)
-        result["build_s"] = time.perf_counter() - t0
-        print(f"  {size.label}: {result['parameters'] / 1e6:.0f}M parameters, {len(targets)} LoRA layers, "
-              f"{attention} attention layers on SDP; built in {result['build_s']:.0f} s", flush=True)
-        for _ in range(2):
-            step()  # warm-up: kernels, allocator
+        plans = (network.plan(index, te=1.0, unet=1.0), network.plan(index, te=0.5, unet=0.5))
+        print(f"  {built['label']}, {name}: {result['lora_layers']} layers", flush=True)
         memory = engine.Memory(device)
-        result["memory"], outputs = measure_memory(memory, Patcher(index), plan, step)
+        result["memory"], outputs = measure_memory(memory, Patcher(index), plans[0], step)
         scale = outputs["none"].abs().max().item()
         result["checks"] = {"lora_effect_rel": (outputs["bypass"] - outputs["none"]).abs().max().item() / scale,
                             "bypass_vs_merged_rel": (outputs["bypass"] - outputs["merged"]).abs().max().item() / scale}
-        samples = measure_rounds(engine, lambda: Patcher(index), plan, step, device, args.rounds, args.steps)
+        samples = measure_rounds(engine, lambda: Patcher(index), plans, step, device, args.rounds, args.steps)
+        result["model"] = predicted(network, index, built["latent"], built["batch"], device)
     changed = changed_tensors(root, original)
     result["samples_s"] = samples
     result["step_ms"] = {m: median_ms(samples[m]["step"]) for m in MODES}
     result["ratio"] = {m: result["step_ms"][m] / result["step_ms"]["none"] for m in MODES}
     result["activation_s"] = {m: statistics.median(samples[m]["activation"]) for m in ("bypass", "merged")}
+    result["change_ms"] = {m: median_ms(samples[m]["change"]) for m in ("bypass", "merged")}
     result["restore_exact"] = not changed
     result["changed_after_restore"] = changed[:20]
     result["total_s"] = time.perf_counter() - t0
-    del root, original, network, plan
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    print("    " + " | ".join(f"{c}: {v}" for c, v in zip(COLUMNS[4:], table_row(result)[4:])), flush=True)
+    if changed:  # the next set must start from the original model: put it back from the host copy
+        with torch.no_grad():
+            for key, t in chain(root.named_parameters(), root.named_buffers()):
+                if key in original:
+                    t.copy_(original[key])
     return result
 
 
 # --------------------------------------------------------------------------------------- report
 
-COLUMNS = ("UNet", "latent", "LoRA layers", "step ms none", "step ms bypass", "step ms merged", "bypass/none",
-           "merged/none", "activation s bypass", "activation s merged", "peak MiB over none bypass",
-           "peak MiB over none merged", "restore exact")
+COLUMNS = ("UNet", "set", "latent", "LoRA layers", "step ms none", "step ms bypass", "step ms merged",
+           "bypass/none", "merged/none", "activation s bypass", "activation s merged", "weight change ms bypass",
+           "weight change ms merged", "peak MiB over none bypass", "peak MiB over none merged", "restore exact")
 
 
 def table_row(r: dict) -> list[str]:
     if "error" in r:
-        return [r["label"], "", "", r["error"]] + [""] * (len(COLUMNS) - 4)
-    mem, ms, act = r["memory"], r["step_ms"], r["activation_s"]
-    return [r["label"], f"{r['latent']}x{r['latent']}", str(r["lora_layers"]),
+        return [r["label"], r.get("set", ""), "", "", r["error"]] + [""] * (len(COLUMNS) - 5)
+    mem, ms, act, change = r["memory"], r["step_ms"], r["activation_s"], r["change_ms"]
+    return [r["label"], r["set"], f"{r['latent']}x{r['latent']}", str(r["lora_layers"]),
             *(f"{ms[m]:.1f}" for m in MODES), f"{r['ratio']['bypass']:.3f}", f"{r['ratio']['merged']:.3f}",
-            f"{act['bypass']:.3f}", f"{act['merged']:.3f}",
+            f"{act['bypass']:.3f}", f"{act['merged']:.3f}", f"{change['bypass']:.1f}", f"{change['merged']:.1f}",
             *(f"{mem[m]['peak_over_none'] / MIB:.1f}" for m in ("bypass", "merged")), str(r["restore_exact"])]
 
 
 def table(rows: list[dict]) -> str:
-    lines = [COLUMNS, ["---"] * 3 + ["---:"] * (len(COLUMNS) - 4) + ["---"]] + [table_row(r) for r in rows]
+    lines = [COLUMNS, ["---"] * 4 + ["---:"] * (len(COLUMNS) - 5) + ["---"]] + [table_row(r) for r in rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
@@ -372,11 +463,12 @@ def measure_sizes(args: argparse.Namespace) -> tuple[list[dict], int]:
     except ImportError as e:
         why = missing_hint(e)
         print(f"engine not measured: {why}", flush=True)
-        return [{"label": sizes[s].label, "error": f"not run: {why}"} for s in args.sizes], NOT_RUN
+        return [{"label": sizes[s].label, "set": kind, "error": f"not run: {why}"}
+                for s in args.sizes for kind in args.sets], NOT_RUN
     rows, status = [], 0
     for name in args.sizes:
         try:
-            rows.append(measure_size(sizes[name], args, engine))
+            rows += measure_size(sizes[name], args, engine)
         except Exception as e:  # an out-of-memory or a bug in one size: say so, measure the next
             traceback.print_exc()
             rows.append({"label": sizes[name].label,
@@ -384,27 +476,39 @@ def measure_sizes(args: argparse.Namespace) -> tuple[list[dict], int]:
             gc.collect()  # the failed size's model went with the traceback: free its memory for the next
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            status = FAILED
-        else:
-            status = status if rows[-1]["restore_exact"] else FAILED
+    if any("error" in r or not r["restore_exact"] for r in rows):
+        status = FAILED
     return rows, status
+
+
+def steps_to_pay(merge_s: float, bypass_extra_s: float) -> str:
+    """UNet calls after which a merge has cost less than bypass would (the ``auto`` mode's choice for a new set)."""
+    return "never" if bypass_extra_s <= 0 else f"{merge_s / bypass_extra_s:.0f}"
 
 
 def print_report(report: dict, args: argparse.Namespace) -> None:
     on_cuda = args.device.startswith("cuda")
     print(f"\n{report['machine']}; {args.dtype}{'' if args.dtype == 'fp32' else ' under autocast'}, SDP attention, "
-          f"batch {args.batch}; rank-{args.rank} LoRA on kohya's default layers; step: median of "
+          f"batch {args.batch}; sets: " + "; ".join(f"{n}: " + SETS[n].format(rank=args.rank,
+          lycoris_rank=args.lycoris_rank) for n in args.sets) + "; step: median of "
           f"{args.rounds}x{args.steps} synchronised steps; activation: apply + the first step's extra time; peak: "
           f"{'CUDA max allocated' if on_cuda else 'RSS high-water mark'} during activation + 2 steps minus that "
-          f"of a no-LoRA step\n")
+          f"of a no-LoRA step; weight change: apply at 0.5 after 1.0 in the same mode + the next step's extra\n")
     print(table(report["rows"]))
     for r in report["rows"]:
         if "checks" in r:
             c, mem = r["checks"], r["memory"]
-            print(f"\n{r['label']}: the LoRA changes the output by {c['lora_effect_rel']:.3g} (max, relative), "
+            model, ms = r["model"], r["step_ms"]
+            extra = (ms["bypass"] - ms["none"]) / 1000
+            print(f"\n{r['label']}, {r['set']}: the set changes the output by {c['lora_effect_rel']:.3g} (max, relative), "
                   f"bypass vs merged {c['bypass_vs_merged_rel']:.3g}; held after activation: bypass "
                   f"{mem['bypass']['held'] / MIB:.1f} MiB, merged {mem['merged']['held'] / MIB:.1f} MiB"
                   + ("" if r["restore_exact"] else f"; NOT restored: {r['changed_after_restore']}"))
+            print(f"  cost model ({model['unet_layers']} UNet layers): bypass +{model['bypass_step_extra_s'] * 1e3:.2f} ms "
+                  f"a step (measured {extra * 1e3:+.2f} ms, {extra / max(1, model['unet_layers']) * 1e6:+.1f} us a layer), "
+                  f"merge {model['merge_s']:.3f} s (measured activation {r['activation_s']['merged']:.3f} s); "
+                  f"merging pays after {steps_to_pay(model['merge_s'], model['bypass_step_extra_s'])} steps by the "
+                  f"model, {steps_to_pay(r['activation_s']['merged'], extra)} measured")
     if "tests" in report:
         print(f"\ngpu tests: {report['tests']['summary']}")
 

@@ -13,8 +13,9 @@ import pytest
 from bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-WANTED_COLUMNS = ("step ms none", "step ms bypass", "step ms merged", "bypass/none", "merged/none",
-                  "activation s bypass", "activation s merged", "peak MiB over none bypass",
+WANTED_COLUMNS = ("set", "step ms none", "step ms bypass", "step ms merged", "bypass/none", "merged/none",
+                  "activation s bypass", "activation s merged", "weight change ms bypass",
+                  "weight change ms merged", "peak MiB over none bypass",
                   "peak MiB over none merged", "restore exact")
 
 
@@ -28,12 +29,13 @@ def markdown_table(text: str) -> list[list[str]]:
 def test_tiny_check_on_the_cpu_fills_every_column_and_restores_exactly(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     status = gpu_check.main(["--device", "cpu", "--tiny", "--no-tests", "--rounds", "1", "--steps", "1",
-                             "--out", str(out)])
+                             "--sets", "lora,loha", "--out", str(out)])
     printed = capsys.readouterr().out
     assert status == 0, printed
     header, *rows = markdown_table(printed)
     assert set(WANTED_COLUMNS) <= set(header)
-    assert [r[0] for r in rows] == ["SD1.5-sized (tiny)", "SDXL-sized (tiny)"]
+    assert [r[:2] for r in rows] == [[size, kind] for size in ("SD1.5-sized (tiny)", "SDXL-sized (tiny)")
+                                     for kind in ("lora", "loha")]
     for row in rows:
         assert len(row) == len(header) and all(row), row
         assert row[header.index("restore exact")] == "True"
@@ -43,6 +45,8 @@ def test_tiny_check_on_the_cpu_fills_every_column_and_restores_exactly(tmp_path,
         assert row["restore_exact"] and row["lora_layers"] > 100
         assert row["checks"]["lora_effect_rel"] > 1e-2  # the LoRA is there: the timings time real work
         assert row["checks"]["bypass_vs_merged_rel"] < 1e-4  # fp32: both modes compute the same
+        assert row["model"]["bypass_step_extra_s"] > 0 and row["model"]["merge_s"] > 0  # the cost model's figures
+        assert "merging pays after" in printed
 
 
 @pytest.mark.parametrize("torch_there, says", [(True, "finds no CUDA device"), (False, "no python imports torch")])
@@ -97,5 +101,6 @@ def test_a_missing_ldm_is_reported_and_nothing_is_measured(tmp_path, capsys, mon
     assert status == gpu_check.NOT_RUN
     assert "cannot import ldm.modules.attention (the `ldm` package of stable-diffusion-sdkit" in printed
     header, *rows = markdown_table(printed)
-    assert [r[0] for r in rows] == ["SD1.5-sized (tiny)", "SDXL-sized (tiny)"]
+    assert [r[:2] for r in rows] == [[size, kind] for size in ("SD1.5-sized (tiny)", "SDXL-sized (tiny)")
+                                     for kind in ("lora", "loha", "lokr")]
     assert all(r[header.index("step ms none")].startswith("not run: cannot import ldm") for r in rows)
