@@ -43,8 +43,15 @@ class DeviceCosts:
 #: Fitted on the CPU test bed (2 cores): an in-process SD1.5 UNet, rank 32 on 192 layers: bypass 33 ms a step at
 #: 128 first-level rows and 88 ms at 2048 (the model says 33 and 89), a merge 0.70 to 1.1 s (the model: 0.76).
 CPU = DeviceCosts(flops=2.2e11, bandwidth=1.4e10, hook=150e-6, merge=400e-6)
-#: GPUs (not measured here): Python and kernel launches dominate a hook; the passes of a merge are cheap.
-ACCELERATOR = DeviceCosts(flops=2e13, bandwidth=1e12, hook=40e-6, merge=150e-6)
+#: Fitted on an H200 (``bench/gpu_check.sh``, fp16, batch 2: SD1.5- and SDXL-sized UNets at 512 and 1024 pixels with
+#: a rank-32 LoRA on 192 / 722 layers and LoHa / LoKr on 282 / 794): bypass 55-76 us a layer and step, mostly the
+#: hook's Python and kernel launches, which the GPU waits for (the least-squares fit: 71 us and 2.5e14 FLOP/s; the
+#: FLOP rate here is lower, for cards slower than an H200); a merge 0.35-0.55 ms a layer whatever its size (the host
+#: copy of the original and the launches), the model's figures within 0.7-1.3x of the measured ones.
+ACCELERATOR = DeviceCosts(flops=1e14, bandwidth=1e12, hook=60e-6, merge=350e-6)
+#: A merge that replaces another (the next cell of a sweep: the originals written back, the new weights merged), as
+#: a multiple of a first merge: 1.17-1.42 on the H200.
+REMERGE = 1.4
 
 
 def device_costs(device: torch.device) -> DeviceCosts:

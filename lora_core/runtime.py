@@ -5,8 +5,9 @@ The WebUI glue calls ``activate`` with the prompt items A1111 parsed, ``step`` f
 a bad item, an unknown name, a broken file or a LoRA for another model is skipped and the rest still applies.
 
 Apply mode (``auto``): a set used with the same weights by the previous generation is merged (no per-step cost);
-a new set, a new weight and anything whose weights change within a pass (schedules, start/stop, an X/Y/Z sweep)
-runs in bypass, where activation costs no weight pass and a multiplier change is free.
+anything whose weights change within a pass (schedules, start/stop) runs in bypass, where a multiplier change is
+free; a new set, a new weight and each cell of an X/Y/Z sweep run in bypass unless the cost model says a merge (for
+a sweep: a merge per cell) costs less than bypass over the pass (large images, many steps, GPUs: ``cost``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .cost import Workload, device_costs, estimate
+from .cost import REMERGE, Workload, device_costs, estimate
 from .errors import LoraError, LoraNotFoundError
 from .library import LoraEntry, LoraLibrary
 from .memory import compute_device, host_bytes_free
@@ -332,11 +333,12 @@ class LoraRuntime:
                      workload: Workload | None = None) -> tuple[str, str]:
         """The mode and why. ``auto``: bypass until a set proves steady, then merged.
 
-        - weights that change within a run (schedules, start/stop, an X/Y/Z sweep): bypass, where a multiplier
-          change is free;
+        - weights that change within a pass (schedules, start/stop): bypass, where a multiplier change is free;
         - a set of files and weights not used by the previous generation (a new LoRA, a new weight, switching
-          back and forth): bypass, whose cost is a few percent per step, where that costs less over the pass than
-          a merge (small images, few steps: see ``cost``), else merged at once;
+          back and forth): bypass, whose cost is a few percent per step on a CPU and 30-90% on a GPU, where that
+          costs less over the pass than a merge (small images, few steps: see ``cost``), else merged at once;
+        - a cell of a sweep (X/Y/Z plot, block analyzer; ``sweep``): the same, with a merge priced as a re-merge
+          (``cost.REMERGE``: the previous cell's weights are written back first); never "steady";
         - the same files and weights as the previous generation: merged, so every later generation has no
           per-step cost;
         - the hires pass keeps the first pass's mode when its set is the same;
@@ -356,14 +358,16 @@ class LoraRuntime:
             reason = "the first pass's mode" if same else "the hires pass has its own LoRAs or weights"
         else:
             previous, self._last_set = self._last_set, key
-            steady = not sweep and all(lora.request.is_static() for lora in active)
-            if steady and key == previous:
+            static = all(lora.request.is_static() for lora in active)
+            if static and not sweep and key == previous:
                 mode, reason = "merged", "the same LoRAs and weights as the last generation"
-            elif steady and active and workload is not None and self._merging_is_cheaper(active, workload):
-                mode, reason = "merged", f"a merge costs less than bypass over {workload.calls} steps at this size"
+            elif static and active and workload is not None and self._merging_is_cheaper(active, workload, sweep):
+                mode, reason = "merged", (f"a merge {'per cell ' if sweep else ''}costs less than bypass over "
+                                          f"{workload.calls} steps at this size")
             else:
                 mode = "bypass"
-                reason = ("weights change within the generation" if not steady
+                reason = ("weights change within the generation" if not static
+                          else "a sweep: a multiplier change costs nothing" if sweep
                           else "a new set of LoRAs or weights")
         if not active:
             return mode, reason
@@ -404,14 +408,15 @@ class LoraRuntime:
                         total += t.numel() * t.element_size()
         return total
 
-    def _merging_is_cheaper(self, active: list[ActiveLora], workload: Workload) -> bool:
+    def _merging_is_cheaper(self, active: list[ActiveLora], workload: Workload, again: bool = False) -> bool:
+        """Whether merging this set costs less than bypass over ``workload``; ``again``: a re-merge (a sweep)."""
         costs = [c for lora in active for c in lora.network.unet_costs(self.index, lora.request.dyn)]
         weight = next(self.index.root.parameters(), None)
         device = weight.device if weight is not None else None
         if not costs or device is None:
             return False
         bypass, merge = estimate(costs, workload, device_costs(device))
-        return merge < bypass
+        return merge * (REMERGE if again else 1.0) < bypass
 
     def _te_mode(self) -> str | None:
         """``auto`` keeps text-encoder layers in bypass: they run once per prompt, a merge would only cost."""

@@ -1,5 +1,6 @@
 """The automatic mode's cost model: UNet levels against the rows each layer really sees, estimates that grow as they
-should, and the choice it makes for a new set (bypass for small passes, merged for large ones, never for sweeps)."""
+should, and the choice it makes for a new set or a sweep's cell (bypass for small passes, merged for large ones; a
+sweep's merge priced as a re-merge)."""
 from __future__ import annotations
 
 import pytest
@@ -105,7 +106,20 @@ def test_auto_merges_a_new_set_at_once_when_the_pass_is_large(world):
     assert cost.estimate(costs, large, cost.CPU)[0] > cost.estimate(costs, large, cost.CPU)[1]
     assert runtime.activate([["alpha", "1"]], workload=small).mode == "bypass"
     assert runtime.activate([["alpha", "0.5"]], workload=large).mode == "merged"  # a new weight, merged at once
-    assert runtime.activate([["alpha", "0.7"]], workload=large, sweep=True).mode == "bypass"  # sweeps never re-merge
+    assert runtime.activate([["alpha", "0.7"]], workload=small, sweep=True).mode == "bypass"  # a small sweep cell
+    inputs = make_inputs(root, "sd1")
+    at_07 = run_unet(root, inputs)
+    cell = runtime.activate([["alpha", "0.6"]], workload=large, sweep=True)  # a large one: a merge per cell
+    assert cell.mode == "merged" and cell.reason.startswith("a merge per cell costs less")
+    cell = runtime.activate([["alpha", "0.7"]], workload=large, sweep=True)  # the next cell: re-merged
+    assert cell.mode == "merged"
+    assert torch.allclose(run_unet(root, inputs), at_07, rtol=1e-4, atol=1e-5)
+    # a pass where a first merge pays off but a re-merge would not: a new set is merged, a sweep's cell is not
+    per_call, merge = cost.estimate(costs, cost.Workload(calls=1, rows=8), cost.CPU)
+    between = cost.Workload(calls=int(merge * (1 + cost.REMERGE) / 2 / per_call), rows=8)
+    assert merge < cost.estimate(costs, between, cost.CPU)[0] < merge * cost.REMERGE
+    assert runtime.activate([["alpha", "0.4"]], workload=between).mode == "merged"
+    assert runtime.activate([["alpha", "0.3"]], workload=between, sweep=True).mode == "bypass"
     assert runtime.activate([["alpha", "0@0,1@9"]], workload=large, total_steps=10).mode == "bypass"  # schedules
     assert runtime.activate([["alpha", "0.3"]]).mode == "bypass"  # no workload: the new set runs in bypass
     runtime.restore()

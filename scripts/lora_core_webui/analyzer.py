@@ -4,8 +4,8 @@ the image (SPEC §8, LBW's behaviour; the math and the grid are ``lora_core.anal
 Per seed: one reference image with every block at Range[1], then one image per block with only that block at
 Range[0]; each compared with the reference. Output: one labelled grid per seed (diff | image | reference per block,
 ``Diff: x%``) and the table of % difference per block in the generation parameters (``Block analysis``, the mean
-over the seeds) and in the comments (per seed). The cells run in bypass mode (a sweep), so the model is never
-re-merged between them.
+over the seeds) and in the comments (per seed). The cells are a sweep: bypass mode, where nothing is re-merged
+between them, unless a merge per cell costs less (large images, many steps, GPUs).
 """
 from __future__ import annotations
 

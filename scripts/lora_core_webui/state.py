@@ -58,7 +58,8 @@ SWEEP_ATTRIBUTE = "lora_core_sweep"
 
 def mark_sweep(p) -> None:
     """Mark ``p`` as one cell of a sweep (X/Y/Z plot, block analyzer): its LoRAs are applied in bypass mode, where a
-    weight change from one cell to the next costs nothing (no re-merge). Set on the cell's copy of ``p`` only."""
+    weight change from one cell to the next costs nothing (no re-merge), unless the cost model says a merge per cell
+    costs less than bypass over the cell's steps. Set on the cell's copy of ``p`` only."""
     setattr(p, SWEEP_ATTRIBUTE, True)
 
 

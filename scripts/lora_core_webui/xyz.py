@@ -4,7 +4,8 @@ block values, block ID (with its value axis) and start-stop steps.
 Extensions add axes by appending ``AxisOption``s to that script's module-level ``axis_options`` before its UI is
 built (``before_ui``); the module is found in ``modules.scripts.scripts_data``. Each axis rewrites the
 ``<lora:...>`` tags of the cell's prompt (see ``lora_core.analysis``) and marks the cell as part of a sweep, so the
-runtime applies its LoRAs in bypass mode, where a weight change from one cell to the next costs no re-merge.
+runtime applies its LoRAs in bypass mode, where a weight change from one cell to the next costs no re-merge, unless
+a merge per cell costs less (large images and many steps, on a GPU above all: ``lora_core.runtime``).
 
 Which LoRA an axis changes: a value may start with ``NAME:`` (``test_lora:0.5``); without it the weight and name
 axes change the first LoRA of the prompt, the others every LoRA of the prompt. Values are checked (``confirm``)

@@ -228,7 +228,7 @@ def xyz(ours_server, ours):
 
 def test_xyz_weight_axis(xyz, ours, builtin):
     """Cells 0, 0.5 and 1: the plain image exactly, the built-in's <lora:test_lora_sdxl:0.5>, and ours at 1 in
-    bypass exactly (a sweep does not re-merge per cell)."""
+    bypass exactly (at this size on the CPU a sweep does not re-merge per cell)."""
     cells, info = xyz
     assert len(cells) == 3 and "LoRA weight" in info["infotexts"][0]
     assert np.array_equal(cells[0], ours["base before"].pixels.astype(np.uint8))
