@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import platform
 import re
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank")
     p.add_argument("--sets", default="lora,loha,lokr", help=f"networks to measure on each UNet, of {','.join(SETS)}")
     p.add_argument("--lycoris-rank", type=int, default=8, help="rank of the LoHa / LoKr factors")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds of untimed steps before the first set (default 3; tiny 0: two steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tests", dest="tests", action="store_false", help="skip the tests marked gpu")
     p.add_argument("--out", type=Path, default=BENCH / "out" / "gpu_check.json", help="JSON output")
@@ -114,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     args.rounds = args.rounds or (2 if args.tiny else 3)
     args.steps = args.steps or (2 if args.tiny else 10)
+    args.warmup = (0.0 if args.tiny else 3.0) if args.warmup is None else args.warmup
     return args
 
 
@@ -330,8 +334,11 @@ def measure_size(size: UNetSize, args: argparse.Namespace, engine) -> list[dict]
     def step():
         return engine.unet_step(root, inputs)
 
-    for _ in range(2):
-        step()  # warm-up: kernels, allocator
+    warm_until = time.perf_counter() + args.warmup
+    for i in itertools.count():  # warm-up: kernels, allocator, the GPU's clocks
+        engine.timed(step, device)
+        if i >= 1 and time.perf_counter() >= warm_until:
+            break
     rows = []
     for name in args.sets:
         try:
