@@ -106,7 +106,7 @@ class ContextMemo:
         self._known: list[tuple[int, torch.Tensor]] = []  # (serial, copy of the values), newest last
         self._last: tuple[torch.Tensor, int, int] | None = None  # (tensor seen last, its version, serial)
         self._serial = 0
-        self._values: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer uid, serial) -> h_i per entry
+        self._values: dict[tuple, list[torch.Tensor]] = {}  # (layer uid, serial, dtype, device) -> h_i per entry
         self.bytes = 0
         self.hits = 0
 
@@ -133,12 +133,16 @@ class ContextMemo:
         self._last = (x, x._version, serial)
         return serial
 
-    def _drop(self, key: tuple[int, int]) -> None:
+    def _drop(self, key: tuple) -> None:
         self.bytes -= _nbytes(self._values.pop(key))
 
-    def outputs(self, uid: int, x: torch.Tensor, fns: Sequence[Callable]) -> list[torch.Tensor]:
-        """``[fn(x) for fn in fns]``, from the store when this layer has already seen these values."""
-        key = (uid, self._serial_of(x))
+    def outputs(self, uid: int, x: torch.Tensor, fns: Sequence[Callable],
+                given: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[fn(x) for fn in fns]``, from the store when this layer has already seen these values. ``given``: the
+        tensor the layer was called with, where ``x`` is a cast of it made for this layer (autocast): the
+        conditioning is known by that one, the same object for every layer of a step, so its values are compared
+        once per step, not once per layer (on a GPU each comparison waits for the device)."""
+        key = (uid, self._serial_of(x if given is None else given), x.dtype, x.device)
         values = self._values.get(key)
         if values is not None:
             self.hits += 1

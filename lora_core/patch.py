@@ -432,7 +432,7 @@ class Patcher:
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if not any(layer.hooked):  # over merged weights that already hold these multipliers, or all zero
                 return output
-            x = args[0]
+            x = given = args[0]
             if x.dtype != output.dtype or x.device != output.device:
                 # the layer computed in another dtype than its input (autocast, A1111's manual cast for FP8
                 # weights, an fp32 timestep embedding into fp16 weights): so does its delta
@@ -451,7 +451,7 @@ class Patcher:
             # sampling (no_grad / inference_mode): the output is the layer's own new tensor, add into it
             if layer.context:  # every distinct function's h(c) is stored, whatever its multiplier now
                 unique = list({id(fn): fn for fn in fns}.values())
-                stored = dict(zip(map(id, unique), self.context_memo.outputs(layer.uid, x, unique)))
+                stored = dict(zip(map(id, unique), self.context_memo.outputs(layer.uid, x, unique, given)))
                 for fn, m in terms:
                     h = stored[id(fn)]
                     if isinstance(m, tuple):

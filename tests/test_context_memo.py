@@ -102,3 +102,52 @@ def test_budget_bounds_the_store_and_restore_empties_it(fresh_sd1, tmp_path):
     assert len(memo._known) <= memo.slots
     patcher.restore()
     assert memo.bytes == 0 and not memo._known and not memo._values
+
+
+def _linear_dtype(root, dtype) -> None:
+    for module in root.model.diffusion_model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(dtype)
+
+
+def test_a_cast_conditioning_is_compared_once_per_call_not_per_layer(fresh_sd1, tmp_path, monkeypatch):
+    """Under autocast the key/value layers compute in another dtype than the conditioning they are given (a float32
+    context into bfloat16 weights: the hook casts it for each layer). The conditioning is still known by the tensor
+    the UNet was called with, so its values are compared once per new tensor, not once per layer (on a GPU each
+    comparison waits for the device); the outputs are those of a run that stores nothing. A layer whose dtype
+    changes later gets outputs computed in its new dtype, not the stored ones."""
+    index = ModelIndex(fresh_sd1)
+    net = _network(index, tmp_path, "lora")
+    inputs = tiny_models.make_inputs(fresh_sd1, batch=2)
+    _linear_dtype(fresh_sd1, torch.bfloat16)
+    comparisons = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: comparisons.append(1) or equal(a, b))
+
+    def run(budget: int | None) -> list[torch.Tensor]:
+        with Patcher(index) as patcher:
+            if budget is not None:
+                patcher.context_memo.budget = budget
+            patcher.apply(net.plan(index, 0.8, 0.8), "bypass")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = [_unet(fresh_sd1, inputs, inputs["context"]).float()]
+                comparisons.clear()
+                out += [_unet(fresh_sd1, inputs, inputs["context"].clone()).float() for _ in range(3)]
+            assert len(comparisons) == 3  # one per new tensor
+            assert (patcher.context_memo.hits > 0) == (budget is None)
+        return out
+
+    stored, unstored = run(None), run(0)
+    for a, b in zip(stored, unstored):
+        assert torch.equal(a, b)
+
+    with Patcher(index) as patcher:
+        patcher.apply(net.plan(index, 0.8, 0.8), "bypass")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _unet(fresh_sd1, inputs, inputs["context"])  # stores bfloat16 outputs
+        _linear_dtype(fresh_sd1, torch.float32)  # the host converts the model; the same conditioning object
+        got = _unet(fresh_sd1, inputs, inputs["context"])
+        patcher.context_memo.budget = 0
+        patcher.context_memo.clear()
+        want = _unet(fresh_sd1, inputs, inputs["context"])
+    assert torch.equal(got, want)
