@@ -8,6 +8,8 @@
   encoder), a set applied while it is on either side, restored while it is on the CPU;
 - ``--lowvram``: one UNet block on the GPU at a time, moved by forward pre-hooks as A1111's ``lowvram.py`` does;
 - FP8 weight storage computed under CUDA autocast;
+- a batch whose images have different LoRAs (issue 19: per-row sets, their multipliers and row indices held on the
+  device);
 
 and after every restore the model is the original bit for bit.
 
@@ -24,9 +26,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lora_core.library import LoraLibrary
 from lora_core.model_index import ModelIndex
 from lora_core.network import load_network
 from lora_core.patch import Patcher
+from lora_core.rows import prompt_loras
+from lora_core.runtime import LoraRuntime
 from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
 from test_patch_property import assert_bitwise, snapshot
 from tiny_models import build_sd1, make_inputs, run_unet
@@ -80,10 +85,13 @@ class Reference:
     """The set merged in float32 on the host into a separate model: its output in float32 (``exact``) and in half
     precision on the device (``half``). How far ``half`` is from ``exact`` is what half precision itself costs."""
 
-    def __init__(self, tmp_path, name: str, m: float, inputs: dict, weights_of: nn.Module | None = None):
-        root = reference(tmp_path, name, m, weights_of)
-        self.exact = unet(root.to(DEVICE), inputs)
-        self.half = unet(to_half(root), inputs)
+    def __init__(self, merged: nn.Module, inputs: dict):
+        self.exact = unet(merged.to(DEVICE), inputs)
+        self.half = unet(to_half(merged), inputs)
+
+    @classmethod
+    def of(cls, tmp_path, name: str, m: float, inputs: dict, weights_of: nn.Module | None = None) -> "Reference":
+        return cls(reference(tmp_path, name, m, weights_of), inputs)
 
 
 def reference(tmp_path, name: str, m: float, weights_of: nn.Module | None = None) -> nn.Module:
@@ -125,7 +133,7 @@ def test_half_precision_gives_the_float32_merge(world, name, mode):
     to_half(root)
     original = snapshot(root)
     plain = unet(root, inputs)
-    want = Reference(tmp_path, name, 0.8, inputs)
+    want = Reference.of(tmp_path, name, 0.8, inputs)
     with Patcher(index) as patcher:
         patcher.apply(plan(index, tmp_path, name, 0.8), mode)
         assert {patcher.layer_mode(n) for n in patcher.touched} == {mode}
@@ -147,7 +155,7 @@ def test_medvram_the_unet_moves_to_the_host_and_back(world, mode):
     diffusion = root.model.diffusion_model
     original = snapshot(root)
     plain = unet(root, inputs)
-    want = {m: Reference(tmp_path, "ha", m, inputs) for m in (1.5, -1.5)}
+    want = {m: Reference.of(tmp_path, "ha", m, inputs) for m in (1.5, -1.5)}
     patcher = Patcher(index)
 
     diffusion.to("cpu")  # first generation: activated while the UNet waits on the host
@@ -208,7 +216,7 @@ def test_lowvram_one_block_on_the_device_at_a_time(world, name, mode):
     with Patcher(index) as patcher:  # the same mode with the whole UNet on the device
         for m in (0.8, -0.5):
             patcher.apply(plan(index, tmp_path, name, m), mode)
-            whole[m], want[m] = unet(root, inputs), Reference(tmp_path, name, m, inputs)
+            whole[m], want[m] = unet(root, inputs), Reference.of(tmp_path, name, m, inputs)
     assert_bitwise(root, original)
     plain = unet(root, inputs)
 
@@ -239,7 +247,7 @@ def test_fp8_storage_under_autocast(world, mode):
     to_half(root, weights=FP8)
     original = snapshot(root)
     plain = unet(root, inputs)
-    want = Reference(tmp_path, "lo", 1.0, inputs, weights_of=root)
+    want = Reference.of(tmp_path, "lo", 1.0, inputs, weights_of=root)
     with Patcher(index) as patcher:
         patcher.apply(plan(index, tmp_path, "lo"), mode)
         assert {patcher.layer_mode(n) for n in patcher.touched} == {"bypass"}
@@ -247,3 +255,43 @@ def test_fp8_storage_under_autocast(world, mode):
         assert_bitwise(root, original)
     close(got, want, plain)
     assert_bitwise(root, original)
+
+
+# ------------------------------------------------------------------ per-row sets (issue 19)
+ROW_PROMPTS = ["a cat <lora:lo:1>", "a cat", "a dog <lora:lo:0.5> <lora:ha:1.5> <lora:kr:-1>"]
+
+
+def _row(inputs: dict, r: int) -> dict:
+    return {k: (v[r:r + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def test_per_row_sets_in_half_precision(world):
+    """Three images with three sets, cond and uncond rows in one batch on the device: each LoRA row is its own
+    set's float32 merge to half precision, the row without LoRAs is the plain batch's row bit for bit (it is not
+    computed at all), and nothing is written into the weights."""
+    root, index, tmp_path, _ = world
+    to_half(root)
+    original = snapshot(root)
+    inputs = make_inputs(root, "sd1", batch=6, seed=4)  # cond rows of images 0, 1, 2, then their uncond rows
+    plain = unet(root, inputs)
+    runtime = LoraRuntime(LoraLibrary([tmp_path]), mode="bypass")
+    runtime.bind(root)
+    prompts = [prompt_loras(p) for p in ROW_PROMPTS]
+    result = runtime.activate_batch(prompts)
+    assert not result.errors and result.mode == "bypass" and runtime.per_row
+    assert runtime.begin_cfg_step([1, 1, 1], 6)
+    got = unet(root, inputs)
+    assert_bitwise(root, original)
+    runtime.restore()
+    assert_bitwise(root, original)
+
+    for r in range(6):
+        items = [list(i) for i in prompts[r % 3].whole]
+        if not items:
+            assert torch.equal(got[r], plain[r]), r
+            continue
+        ref_root = build_sd1()
+        ref = LoraRuntime(LoraLibrary([tmp_path]), mode="merged")
+        ref.bind(ref_root)
+        assert ref.activate(items).mode == "merged"
+        close(got[r:r + 1], Reference(ref_root, _row(inputs, r)), plain[r:r + 1])
