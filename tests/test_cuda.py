@@ -82,8 +82,9 @@ def unet(root: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 class Reference:
-    """The set merged in float32 on the host into a separate model: its output in float32 (``exact``) and in half
-    precision on the device (``half``). How far ``half`` is from ``exact`` is what half precision itself costs."""
+    """The set merged in float32 on the host into a separate model: its output in float32 (``exact``; CUDA
+    convolutions may use TF32, as A1111 allows) and in half precision on the device (``half``). How far ``half`` is
+    from ``exact`` is what half precision itself costs."""
 
     def __init__(self, merged: nn.Module, inputs: dict):
         self.exact = unet(merged.to(DEVICE), inputs)
@@ -96,7 +97,7 @@ class Reference:
 
 def reference(tmp_path, name: str, m: float, weights_of: nn.Module | None = None) -> nn.Module:
     """A separate model with the set merged in float32 on the host. ``weights_of``: take the Linear/Conv2d weights
-    of that model first (the FP8 values, exactly)."""
+    and biases of that model first (the FP8 values, exactly)."""
     root = build_sd1()
     if weights_of is not None:
         for (_, mine), (_, theirs) in zip(root.named_modules(), weights_of.named_modules()):
