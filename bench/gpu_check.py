@@ -343,9 +343,10 @@ def measure_size(size: UNetSize, args: argparse.Namespace, engine) -> list[dict]
     for name in args.sets:
         try:
             rows.append(measure_set(name, root, index, original, step, built, args, engine))
-        except Exception as e:  # an out-of-memory, say: the model is restored by the next set's check
+        except Exception as e:  # an out-of-memory, say: the next set starts from the original model
             traceback.print_exc()
             rows.append({**built, "set": name, "error": f"failed: {type(e).__name__}: {e}".splitlines()[0][:200]})
+            reset(root, original)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -390,12 +391,23 @@ def measure_set(name: str, root, index, original: dict, step, built: dict, args:
     result["changed_after_restore"] = changed[:20]
     result["total_s"] = time.perf_counter() - t0
     print("    " + " | ".join(f"{c}: {v}" for c, v in zip(COLUMNS[4:], table_row(result)[4:])), flush=True)
-    if changed:  # the next set must start from the original model: put it back from the host copy
-        with torch.no_grad():
-            for key, t in chain(root.named_parameters(), root.named_buffers()):
-                if key in original:
-                    t.copy_(original[key])
+    if changed:  # the next set must start from the original model
+        reset(root, original)
     return result
+
+
+def reset(root, original: dict) -> None:
+    """The model as it was built: every parameter and buffer from the host copy, and no forward hook left (a set
+    that failed half-way leaves its Patcher's hooks and merged weights; this model has no hooks of its own)."""
+    import torch
+
+    with torch.no_grad():
+        for key, t in chain(root.named_parameters(), root.named_buffers()):
+            if key in original:
+                t.copy_(original[key])
+    for module in root.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
 
 
 # --------------------------------------------------------------------------------------- report

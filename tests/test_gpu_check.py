@@ -104,3 +104,31 @@ def test_a_missing_ldm_is_reported_and_nothing_is_measured(tmp_path, capsys, mon
     assert [r[:2] for r in rows] == [[size, kind] for size in ("SD1.5-sized (tiny)", "SDXL-sized (tiny)")
                                      for kind in ("lora", "loha", "lokr")]
     assert all(r[header.index("step ms none")].startswith("not run: cannot import ldm") for r in rows)
+
+
+def test_a_set_that_fails_half_way_is_reported_and_the_next_starts_from_the_original(tmp_path, capsys, monkeypatch):
+    """An out-of-memory in the middle of a set (here: injected after a merge and with a bypass hook still on) is
+    that set's row; the next set is measured on the original model (its restore check would see the merged weights
+    and its timings the leftover hooks otherwise), and the check exits 1."""
+    real = gpu_check.measure_rounds
+    calls = []
+
+    def failing_once(engine, new_patcher, plans, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            new_patcher().apply(plans[0], "merged")
+            new_patcher().apply(plans[1], "bypass")
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(engine, new_patcher, plans, *args)
+
+    monkeypatch.setattr(gpu_check, "measure_rounds", failing_once)
+    out = tmp_path / "g.json"
+    status = gpu_check.main(["--device", "cpu", "--tiny", "--no-tests", "--sizes", "sd15", "--sets", "lora,loha",
+                             "--rounds", "1", "--steps", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == gpu_check.FAILED
+    failed, measured = json.loads(out.read_text())["rows"]
+    assert failed["set"] == "lora" and "injected" in failed["error"]
+    assert measured["set"] == "loha" and measured["restore_exact"]
+    assert measured["checks"]["lora_effect_rel"] > 1e-2 and measured["checks"]["bypass_vs_merged_rel"] < 1e-4
+    assert "injected" in printed
