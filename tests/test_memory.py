@@ -301,6 +301,21 @@ def tiny_context(root) -> int:
     return context_dim(root)
 
 
+def fp8_storage(root) -> nn.Module:
+    """Store ``root``'s Linear/Conv2d weights and biases in float8_e4m3fn as A1111's FP8 mode does; returns a
+    separate model holding those float8 values, exactly, in float32 (for a float32 reference)."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(FP8)
+    ref = build_sd1()
+    for (_, module), (_, mine) in zip(ref.named_modules(), root.named_modules()):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.weight.data = mine.weight.data.to(torch.float32)
+            if module.bias is not None:
+                module.bias.data = mine.bias.data.to(torch.float32)
+    return ref
+
+
 @pytest.mark.skipif(FP8 is None, reason="this torch has no float8")
 @pytest.mark.parametrize("mode", ["bypass", "merged"])
 def test_fp8_storage(world, mode):
@@ -308,16 +323,8 @@ def test_fp8_storage(world, mode):
     CPU). Both modes give the reference ``fp8 weight + delta`` computed in bf16 (merged runs float8 layers in
     bypass: a delta merged into float8 is mostly rounded away), and the float8 bytes are restored exactly."""
     root, index, tmp_path, inputs = world
-    for module in root.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.to(FP8)
+    ref = fp8_storage(root)
     original = snapshot(root)
-    ref = build_sd1()
-    for (name, module), (_, mine) in zip(ref.named_modules(), root.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.data = mine.weight.data.to(torch.float32)  # the fp8 values, exactly, in fp32
-            if module.bias is not None:
-                module.bias.data = mine.bias.data.to(torch.float32)
     ref_index = ModelIndex(ref)
     Patcher(ref_index).apply(load_network(tmp_path / "lo.safetensors", ref_index).plan(ref_index, 1, 1), "merged")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -344,16 +351,8 @@ def test_fp8_storage_loha_is_as_close_to_float32_as_the_dense_recipe(world, tmp_
     root, index, _, inputs = world
     targets = [t for t in pick_targets(index, kinds=(nn.Linear, nn.Conv2d)) if not index.is_text_encoder(t)]
     save_file(make_lycoris(index, targets, "loha", seed=8), str(tmp_path / "lh.safetensors"))
-    for module in root.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.to(FP8)
+    ref = fp8_storage(root)
     original = snapshot(root)
-    ref = build_sd1()
-    for (_, module), (_, mine) in zip(ref.named_modules(), root.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.data = mine.weight.data.to(torch.float32)
-            if module.bias is not None:
-                module.bias.data = mine.bias.data.to(torch.float32)
     ref_index = ModelIndex(ref)
     m = 3.0  # a strong LoHa: its own error is then well above bf16's rounding of the rest of the model
     Patcher(ref_index).apply(load_network(tmp_path / "lh.safetensors", ref_index).plan(ref_index, m, m), "merged")
