@@ -264,7 +264,7 @@ def measure_rounds(engine, new_patcher, plans, step, device, rounds: int, steps:
     return samples
 
 
-def full_preset_targets(index, root) -> list:
+def full_preset_targets(index) -> list:
     """LyCORIS's full preset on the UNet: every Linear and Conv2d."""
     from torch import nn
     from lora_core.model_index import Target
@@ -276,22 +276,15 @@ def full_preset_targets(index, root) -> list:
 def make_set(name: str, index, root, args: argparse.Namespace, engine) -> tuple[dict, int]:
     """The state dict of one ``SETS`` network for this model (fp16, as files are shipped) and its layer count."""
     import torch
-    from lora_factory import LoraSpec, lycoris_tensors, make_kohya_lora
+    from lora_factory import LoraSpec, make_kohya_lora, make_lycoris
 
     if name == "lora":
         targets = engine.kohya_default_targets(root, index)
         spec = LoraSpec(rank=args.rank, alpha=args.rank / 2, dtype=torch.float16, std=0.03)
         return make_kohya_lora(index, targets, spec, seed=args.seed), len(targets)
-    targets = full_preset_targets(index, root)
-    kohya = {}
-    for kohya_name, target in index.kohya_names():
-        kohya.setdefault(target, kohya_name)
-    gen = torch.Generator().manual_seed(args.seed)
-    sd = {}
-    for target in targets:
-        for key, t in lycoris_tensors(name, index.weight_shape(target), gen, rank=args.lycoris_rank).items():
-            sd[f"{kohya[target]}.{key}"] = t.half()
-    return sd, len(targets)
+    targets = full_preset_targets(index)
+    sd = make_lycoris(index, targets, name, seed=args.seed, rank=args.lycoris_rank)
+    return {k: t.half() for k, t in sd.items()}, len(targets)
 
 
 def predicted(network, index, latent: int, batch: int, device) -> dict:

@@ -94,8 +94,8 @@ class _Layer:
     backups: dict[str, torch.Tensor | None] = field(default_factory=dict)  # param path -> original (merged)
     created: list[str] = field(default_factory=list)  # param paths created (a bias the layer did not have)
     hook: torch.utils.hooks.RemovableHandle | None = None
-    prepared: dict[tuple, list] = field(default_factory=dict)  # (device, dtype) -> bypass functions / deltas
-    reads_output: dict[tuple, bool] = field(default_factory=dict)  # (device, dtype) -> a prepared form reads it
+    # (device, dtype) -> (bypass functions / deltas, whether one of them reads the layer's output)
+    prepared: dict[tuple, tuple[list, bool]] = field(default_factory=dict)
     baked: list[float] | None = None  # multipliers merged into the weights (None: the weights are the original)
     hooked: list[float] = field(default_factory=list)  # what the hook adds, per entry: multiplier - baked
     context: bool = False  # the input is the text conditioning (see ContextMemo)
@@ -400,11 +400,12 @@ class Patcher:
                 current.copy_(value)
 
     # ------------------------------------------------------------------ bypass
-    def _prepare(self, layer: _Layer, x: torch.Tensor) -> list:
+    def _prepare(self, layer: _Layer, x: torch.Tensor) -> tuple[list, bool]:
+        """The layer's bypass functions for ``x``'s device and dtype, and whether one reads the layer's output."""
         key = (x.device, x.dtype)
-        prepared = layer.prepared.get(key)
-        if prepared is not None:
-            return prepared
+        found = layer.prepared.get(key)
+        if found is not None:
+            return found
         with torch.no_grad():
             if isinstance(layer.module, nn.MultiheadAttention):
                 prepared = [(e.target.part, *self.bypass.dense(e, x.device, x.dtype, hold=True))
@@ -412,9 +413,8 @@ class Patcher:
             else:
                 op = LayerOp.of(layer.module)
                 prepared = [self._rows_of(e, self.bypass.functions(e, op, x.device, x.dtype)) for e in layer.entries]
-        layer.prepared[key] = prepared
-        layer.reads_output[key] = any(hasattr(fn, "from_output") for fn in prepared)
-        return prepared
+        found = layer.prepared[key] = (prepared, any(hasattr(fn, "from_output") for fn in prepared))
+        return found
 
     def _rows_of(self, entry: PlanEntry, fn: Bypass) -> Bypass:
         """A q/k/v part of a fused Linear (SD3's qkv) adds to its rows of the output only."""
@@ -437,8 +437,8 @@ class Patcher:
                 # the layer computed in another dtype than its input (autocast, A1111's manual cast for FP8
                 # weights, an fp32 timestep embedding into fp16 weights): so does its delta
                 x = x.to(device=output.device, dtype=output.dtype)
-            fns: list[Bypass] = self._prepare(layer, x)
-            if layer.baked is None and layer.reads_output[(x.device, x.dtype)]:
+            fns, reads_output = self._prepare(layer, x)
+            if layer.baked is None and reads_output:
                 # forms that read the layer's output (IA3, OFT): from the output over the original weights,
                 # taken before anything is added to it; each becomes a plain function of this call
                 fns = [_given(fn.from_output(x, output, mod), fn) if hasattr(fn, "from_output") else fn
@@ -550,7 +550,7 @@ class Patcher:
             call.update(zip(names, args))
             call.update(kwargs)
             q, k, v = call["query"], call["key"], call["value"]
-            prepared = self._prepare(layer, q)
+            prepared, _ = self._prepare(layer, q)
             # one copy each in the input's dtype (`.to` then `.clone` copied twice when the dtype differed);
             # FP8 storage keeps out_proj (a Linear) in float8: computed in the input's dtype like the layer
             like = {"device": q.device, "dtype": q.dtype}

@@ -29,11 +29,21 @@ class LoraSpec:
     std: float = 0.2
 
 
+def kohya_names_of(index: ModelIndex) -> dict[Target, str]:
+    """The kohya module name of every target the index names (the first it knows; prefers the file-style TE and
+    ``lora_unet_`` names), in one pass: files for thousands of layers are made with one lookup each."""
+    first: dict[Target, str] = {}
+    preferred: dict[Target, str] = {}
+    for name, target in index.kohya_names():
+        first.setdefault(target, name)
+        if "text_model" in name or name.startswith("lora_unet_"):
+            preferred.setdefault(target, name)
+    return {**first, **preferred}
+
+
 def kohya_name_of(index: ModelIndex, target: Target) -> str:
-    """The kohya module name of a target (the first that the index knows; prefers the file-style TE names)."""
-    names = [n for n, t in index.kohya_names() if t == target]
-    pref = [n for n in names if "text_model" in n or n.startswith("lora_unet_")]
-    return (pref or names)[0]
+    """The kohya module name of one target (``kohya_names_of``)."""
+    return kohya_names_of(index)[target]
 
 
 def pick_targets(index: ModelIndex, kinds: Iterable[type] = (nn.Linear, nn.Conv2d, nn.MultiheadAttention),
@@ -91,8 +101,9 @@ def make_kohya_lora(index: ModelIndex, targets: Iterable[Target], spec: LoraSpec
                     seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
+    names = kohya_names_of(index)
     for target in targets:
-        name = kohya_name_of(index, target)
+        name = names[target]
         for k, v in lora_tensors(index.weight_shape(target), spec, gen).items():
             sd[f"{name}.{k}"] = v
     return sd
@@ -169,13 +180,14 @@ def lycoris_tensors(kind: str, weight_shape: tuple[int, ...], gen: torch.Generat
     raise ValueError(kind)
 
 
-def make_lycoris(index: ModelIndex, targets: Iterable[Target], kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_lycoris(index: ModelIndex, targets: Iterable[Target], kind: str, seed: int = 0,
+                 rank: int = 4) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
+    names = kohya_names_of(index)
     for target in targets:
-        name = kohya_name_of(index, target)
-        for k, v in lycoris_tensors(kind, index.weight_shape(target), gen).items():
-            sd[f"{name}.{k}"] = v
+        for k, v in lycoris_tensors(kind, index.weight_shape(target), gen, rank=rank).items():
+            sd[f"{names[target]}.{k}"] = v
     return sd
 
 

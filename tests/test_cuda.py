@@ -34,6 +34,7 @@ from lora_core.rows import prompt_loras
 from lora_core.runtime import LoraRuntime
 from lora_factory import LoraSpec, make_kohya_lora, make_lycoris, pick_targets
 from test_patch_property import assert_bitwise, snapshot
+from test_rows import _row
 from tiny_models import build_sd1, make_inputs, run_unet
 
 DEVICE = torch.device(os.environ.get("LORA_CORE_GPU_TEST_DEVICE", "cuda"))
@@ -260,10 +261,6 @@ def test_fp8_storage_under_autocast(world, mode):
 
 # ------------------------------------------------------------------ per-row sets (issue 19)
 ROW_PROMPTS = ["a cat <lora:lo:1>", "a cat", "a dog <lora:lo:0.5> <lora:ha:1.5> <lora:kr:-1>"]
-
-
-def _row(inputs: dict, r: int) -> dict:
-    return {k: (v[r:r + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 def test_per_row_sets_in_half_precision(world):

@@ -267,7 +267,7 @@ def test_output_forms_fall_back_to_the_dense_delta_over_merged_weights(fresh_sd1
             patcher.apply(net.plan(index, 1.0, 1.0), "merged")
             patcher.apply(net.plan(index, 0.3, 0.3), "bypass")  # over the merged weights
             assert patcher._layers[target.module].baked == [1.0]
-            fns = patcher._prepare(patcher._layers[target.module], x)
+            fns, _ = patcher._prepare(patcher._layers[target.module], x)
             assert isinstance(fns[0], OutputBypass)
             got = module(x)
         assert rel_err(got, want) < 1e-5

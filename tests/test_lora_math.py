@@ -225,7 +225,7 @@ def test_bypass_adds_into_the_output_while_sampling_and_makes_a_new_tensor_under
         assert y is outputs[-1], "sampling: the delta went into the layer's output, no new tensor"
         if kind == "conv1x1":  # SD1.5's proj_in/proj_out: matmuls over the pixels, not two convolutions
             from lora_core.adapters.base import PointwiseConvBypass
-            assert isinstance(patcher._layers[target.module].prepared[(y.device, y.dtype)][0], PointwiseConvBypass)
+            assert isinstance(patcher._layers[target.module].prepared[(y.device, y.dtype)][0][0], PointwiseConvBypass)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
         x = args[0].clone().requires_grad_(True)
         y2 = run_layer(module, (x,))

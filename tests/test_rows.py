@@ -128,7 +128,7 @@ def test_one_lora_at_two_weights_is_computed_once_per_layer(world):
     runtime.begin_cfg_step([1, 1], 4)
     patcher.set_rows(runtime._router.rows_of_call(4))
     x = torch.zeros(4, layer.module.in_features)
-    terms = patcher._terms(layer, patcher._prepare(layer, x), 4)
+    terms = patcher._terms(layer, patcher._prepare(layer, x)[0], 4)
     assert len(terms) == 1 and terms[0][1] == (1.0, 0.25, 1.0, 0.25)  # one h(x), weighted per row
     patcher.set_rows(runtime._router.default)
     inputs = make_inputs(root, "sd1", batch=4, seed=6)
