@@ -61,7 +61,9 @@ STABLE_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_
 #: A helper extension linked into the WebUI while the bench runs: the time of every denoiser call (the UNet on cond
 #: and uncond, with whatever hooks the LoRA system added; not the text encoder, not the activation), printed to the
 #: server's log. The per-step figures from 12- minus 4-step generations carry the noise of whole generations (on
-#: the 2-core test bed up to +-15% of a step); these are one sample per step.
+#: the 2-core test bed up to +-15% of a step); these are one sample per step. Each line also gives the call's
+#: process CPU seconds (all threads; less moved by other tenants of a shared host than the wall clock) and how many
+#: UNet modules carry a forward hook during it (0 where the weights hold the LoRAs: the plain model's operations).
 STEP_TIMER_NAME = "lora-core-bench-step-timer"
 STEP_TIMER_MARK = "[lora-core-bench] unet call "
 STEP_TIMER = f'''"""Bench helper of sd-webui-lora-core (bench/bench_webui.py): times each denoiser call."""
@@ -69,9 +71,9 @@ import time
 
 import torch
 
-from modules import script_callbacks
+from modules import script_callbacks, shared
 
-_started = [0.0]
+_started = [0.0, 0.0]
 
 
 def _sync():
@@ -81,12 +83,20 @@ def _sync():
 
 def _before(params):
     _sync()
-    _started[0] = time.perf_counter()
+    _started[:] = [time.perf_counter(), time.process_time()]
+
+
+def _hooked():
+    unet = getattr(getattr(shared.sd_model, "model", None), "diffusion_model", None)
+    if unet is None:
+        return -1
+    return sum(1 for m in unet.modules() if m._forward_hooks or m._forward_pre_hooks)
 
 
 def _after(params):
     _sync()
-    print(f"{STEP_TIMER_MARK}{{time.perf_counter() - _started[0]:.6f}}", flush=True)
+    wall, cpu = time.perf_counter() - _started[0], time.process_time() - _started[1]
+    print(f"{STEP_TIMER_MARK}{{wall:.6f}} cpu {{cpu:.6f}} hooked {{_hooked()}}", flush=True)
 
 
 script_callbacks.on_cfg_denoiser(_before)
@@ -194,16 +204,21 @@ class Runner:
         if errors:
             raise RuntimeError(f"{self.system}: {prompt}: {errors}")
         self.log.append({"tag": tag, "prompt": prompt, "steps": steps or self.args.steps, "s": seconds,
-                         "unet_calls": self.unet_calls(start)})
+                         **self.unet_calls(start)})
         return seconds
 
-    def unet_calls(self, start: int) -> list[float]:
-        """The step timer's times since byte ``start`` of the server's log."""
+    def unet_calls(self, start: int) -> dict:
+        """The step timer's lines since byte ``start`` of the server's log: ``unet_calls`` (wall seconds), and
+        where the timer gives them ``unet_cpu`` (process CPU seconds) and ``unet_hooked`` (hooked UNet modules)."""
         with open(self.server.log, "rb") as f:
             f.seek(start)
             text = f.read().decode("utf-8", "replace")
-        return [float(line.split(STEP_TIMER_MARK, 1)[1].split()[0])
-                for line in text.splitlines() if STEP_TIMER_MARK in line]
+        fields = [line.split(STEP_TIMER_MARK, 1)[1].split() for line in text.splitlines() if STEP_TIMER_MARK in line]
+        out: dict = {"unet_calls": [float(f[0]) for f in fields]}
+        if fields and all(len(f) >= 5 for f in fields):
+            out["unet_cpu"] = [float(f[2]) for f in fields]
+            out["unet_hooked"] = [int(f[4]) for f in fields]
+        return out
 
     def xyz(self, prompt: str, axis: str, values: str) -> float:
         info = [s for s in self.server.get("/sdapi/v1/script-info") if s["name"] == XYZ and not s["is_img2img"]][0]
@@ -221,7 +236,7 @@ class Runner:
         if "Lora errors" in info.get("extra_generation_params", {}):
             raise RuntimeError(f"{self.system}: {info['extra_generation_params']['Lora errors']}")
         self.log.append({"tag": "xyz", "prompt": prompt, "axis": axis, "values": values, "s": seconds,
-                         "unet_calls": self.unet_calls(start)})
+                         **self.unet_calls(start)})
         return seconds
 
 
@@ -403,20 +418,33 @@ def unet_figures(log: list[dict], label: str) -> dict:
         return {}
     out = {"unet_lyco_s": med(calls[label]), "unet_lnone_s": med(calls["lnone"])}
     out["unet_steady_ratio"] = out["unet_lyco_s"] / out["unet_lnone_s"]
+    cpu = {k: [c for e in log if e["tag"].startswith(f"steady_{k}_") for c in e.get("unet_cpu", [])]
+           for k in (label, "lnone")}
+    if all(cpu.values()):
+        out["unet_steady_cpu_ratio"] = med(cpu[label]) / med(cpu["lnone"])
+    hooked = [h for e in log if e["tag"].startswith(f"steady_{label}_") for h in e.get("unet_hooked", [])]
+    if hooked:  # 0: the steady stack ran the plain model's operations (merged weights, no hook)
+        out["steady_hooked_max"] = max(hooked)
     blocks: dict[int, dict] = {}
     for e in log:
         if e["tag"] == "steady_block" and e.get("unet_calls"):
-            blocks.setdefault(e["block"], {"label": e["label"], "calls": []})["calls"] += e["unet_calls"]
+            block = blocks.setdefault(e["block"], {"label": e["label"], "calls": [], "cpu": []})
+            block["calls"] += e["unet_calls"]
+            block["cpu"] += e.get("unet_cpu", [])
     pairs = [(blocks[2 * i], blocks[2 * i + 1]) for i in range(len(blocks) // 2)
              if 2 * i in blocks and 2 * i + 1 in blocks]
-    if pairs:  # per pair of neighbouring blocks: the stack's median call / the plain one's
-        out["unet_steady_pair_ratio"] = med([med(a["calls"]) / med(b["calls"]) if a["label"] == label
-                                             else med(b["calls"]) / med(a["calls"]) for a, b in pairs])
+    for key, figure in (("calls", "unet_steady_pair_ratio"), ("cpu", "unet_steady_cpu_pair_ratio")):
+        if pairs and all(a[key] and b[key] for a, b in pairs):  # per pair of neighbours: the stack's / the plain's
+            out[figure] = med([med(a[key]) / med(b[key]) if a["label"] == label else med(b[key]) / med(a[key])
+                               for a, b in pairs])
     runs = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "test_loha" in e["prompt"]]
     plain = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "<lora:" not in e["prompt"]]
     if runs and plain:
         out["sweep_unet_call_ratio"] = med([med(e["unet_calls"]) for e in runs]) / \
             med([med(e["unet_calls"]) for e in plain])
+        if all(e.get("unet_cpu") for e in runs + plain):
+            out["sweep_unet_cpu_ratio"] = med([med(e["unet_cpu"]) for e in runs]) / \
+                med([med(e["unet_cpu"]) for e in plain])
         out["sweep_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in runs])
         out["sweep_plain_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in plain])
     return out
@@ -497,7 +525,13 @@ def report(results: dict, files: dict, args: argparse.Namespace) -> str:
     row("step timer: steady UNet call, LyCORIS stack / no LoRA", "unet_steady_ratio", ratio=False)
     row("step timer: steady UNet call, stack / no LoRA, median of ABBA block pairs", "unet_steady_pair_ratio",
         ratio=False)
+    row("step timer: steady UNet call CPU s, stack / no LoRA", "unet_steady_cpu_ratio", ratio=False)
+    row("step timer: steady UNet call CPU s, stack / no LoRA, median of ABBA block pairs",
+        "unet_steady_cpu_pair_ratio", ratio=False)
+    row("step timer: most hooked UNet modules in a steady call with the stack", "steady_hooked_max", "{}",
+        ratio=False)
     row("step timer: X/Y/Z UNet call, LoHa / plain", "sweep_unet_call_ratio", ratio=False)
+    row("step timer: X/Y/Z UNet call CPU s, LoHa / plain", "sweep_unet_cpu_ratio", ratio=False)
     row("step timer: X/Y/Z outside the UNet s, LoHa", "sweep_outside_s", "{:.2f}", ratio=False)
     row("step timer: X/Y/Z outside the UNet s, plain", "sweep_plain_outside_s", "{:.2f}", ratio=False)
     if any("rss_cycles" not in results[k] for k in systems):  # --sweep-only, --lycoris-only
