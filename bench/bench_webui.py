@@ -412,17 +412,18 @@ def unet_figures(log: list[dict], label: str) -> dict:
     """From the step timer (absent in results of runs before it): the median denoiser call in the steady
     generations with the stack and without LoRA, and per X/Y/Z run the median call and the time outside the calls
     (text encoder, activation, VAE, the grid), each against the plain run next to it."""
-    calls = {k: [c for e in log if e["tag"].startswith(f"steady_{k}_") for c in e.get("unet_calls", [])]
-             for k in (label, "lnone")}
+    def steady(kind: str, field: str) -> list:  # one field of the step timer over the steady generations of a kind
+        return [v for e in log if e["tag"].startswith(f"steady_{kind}_") for v in e.get(field, [])]
+
+    calls = {k: steady(k, "unet_calls") for k in (label, "lnone")}
     if not all(calls.values()):
         return {}
     out = {"unet_lyco_s": med(calls[label]), "unet_lnone_s": med(calls["lnone"])}
     out["unet_steady_ratio"] = out["unet_lyco_s"] / out["unet_lnone_s"]
-    cpu = {k: [c for e in log if e["tag"].startswith(f"steady_{k}_") for c in e.get("unet_cpu", [])]
-           for k in (label, "lnone")}
+    cpu = {k: steady(k, "unet_cpu") for k in (label, "lnone")}
     if all(cpu.values()):
         out["unet_steady_cpu_ratio"] = med(cpu[label]) / med(cpu["lnone"])
-    hooked = [h for e in log if e["tag"].startswith(f"steady_{label}_") for h in e.get("unet_hooked", [])]
+    hooked = steady(label, "unet_hooked")
     if hooked:  # 0: the steady stack ran the plain model's operations (merged weights, no hook)
         out["steady_hooked_max"] = max(hooked)
     blocks: dict[int, dict] = {}
@@ -440,11 +441,9 @@ def unet_figures(log: list[dict], label: str) -> dict:
     runs = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "test_loha" in e["prompt"]]
     plain = [e for e in log if e["tag"] == "xyz" and e.get("unet_calls") and "<lora:" not in e["prompt"]]
     if runs and plain:
-        out["sweep_unet_call_ratio"] = med([med(e["unet_calls"]) for e in runs]) / \
-            med([med(e["unet_calls"]) for e in plain])
-        if all(e.get("unet_cpu") for e in runs + plain):
-            out["sweep_unet_cpu_ratio"] = med([med(e["unet_cpu"]) for e in runs]) / \
-                med([med(e["unet_cpu"]) for e in plain])
+        for field, figure in (("unet_calls", "sweep_unet_call_ratio"), ("unet_cpu", "sweep_unet_cpu_ratio")):
+            if all(e.get(field) for e in runs + plain):
+                out[figure] = med([med(e[field]) for e in runs]) / med([med(e[field]) for e in plain])
         out["sweep_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in runs])
         out["sweep_plain_outside_s"] = med([e["s"] - sum(e["unet_calls"]) for e in plain])
     return out

@@ -381,7 +381,6 @@ def test_fp8_storage_loha_is_as_close_to_float32_as_the_dense_recipe(world, tmp_
     def err(got: torch.Tensor) -> float:
         return ((got - exact).norm() / exact.norm()).item()
 
-    print("ERRS", err(ours), err(dense), err(plain))
     assert err(ours) <= 1.1 * err(dense), (err(ours), err(dense))
     assert err(ours) < 0.1 * err(plain)  # the LoHa is there
 
