@@ -11,6 +11,9 @@ Tests marked ``gpu`` need CUDA (``bench/gpu_check.sh`` runs them); here they are
 """
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -18,7 +21,8 @@ from torch import nn
 
 from lora_core.adapters import LayerOp
 from lora_core.library import LoraLibrary
-from lora_core.memory import MemoryPolicy, MemoryReport, compute_device, keep, put_back
+from lora_core.memory import (OWN_MAPPING_BYTES, MemoryPolicy, MemoryReport, compute_device, host_empty_like, keep,
+                              put_back)
 from lora_core.model_index import ModelIndex
 from lora_core.network import load_network
 from lora_core.patch import Patcher
@@ -127,6 +131,49 @@ def test_keep_and_put_back_preserve_layout_and_bits():
     live = torch.zeros_like(w)
     put_back([(live, copy)])
     assert torch.equal(live, w) and live.stride() == w.stride()
+
+
+def _mapping_of(address: int) -> tuple[int, int, str] | None:
+    """The (start, end, name) of the process's memory mapping that holds ``address`` (Linux), None if none does."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            if start <= address < end:
+                return start, end, fields[5] if len(fields) > 5 else ""
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc (Linux)")
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(64, 32, 3, 3, generator=g).to(memory_format=torch.channels_last),
+    lambda g: torch.randn(96, 200, generator=g).t(),  # a transposed view: strides kept, not made contiguous
+    lambda g: torch.randn(256, 320, generator=g).to(torch.float8_e4m3fn),
+    lambda g: torch.randn(3, 5, generator=g),  # small: from the heap
+    lambda g: torch.randn(0, 7, generator=g),  # empty
+])
+def test_host_copies_of_large_tensors_have_a_mapping_of_their_own_that_goes_with_them(make):
+    w = make(torch.Generator().manual_seed(0))
+    copy = keep(w)
+    assert copy.dtype == w.dtype and copy.shape == w.shape and copy.stride() == w.stride()
+    assert torch.equal(copy.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else copy,
+                       w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
+    large = w.numel() * w.element_size() >= OWN_MAPPING_BYTES
+    if not w.numel():
+        return
+    address = copy.data_ptr()
+    region = _mapping_of(address)
+    assert region is not None
+    # its own mapping: the data begins a page (the allocator puts a header before what it hands out), not in the
+    # heap (the kernel may join neighbouring anonymous mappings into one region, so its bounds say nothing)
+    own = address % 4096 == 0 and region[2] != "[heap]"
+    assert own == large
+    if large:
+        del copy
+        gc.collect()
+        assert _mapping_of(address) != region  # unmapped with its last view
+    empty = host_empty_like(w)
+    assert empty.shape == w.shape and empty.stride() == w.stride() and empty.device.type == "cpu"
 
 
 @cuda
