@@ -117,7 +117,7 @@ def host_empty_like(tensor: torch.Tensor) -> torch.Tensor:
     merge and restore: in the heap, the model's activations are placed around them in one state and in the hole
     they leave in the other, and whether the heap ever gives them back depends on the allocator. Measured in the
     CPU WebUI (``bench/bench_webui.py``, a merged LyCORIS stack running exactly the plain model's operations): UNet
-    calls 1.04-1.07x plain's with the backups in the heap (three runs), 0.98-1.00x with them in mappings (two).
+    calls 1.04-1.07x plain's with the backups in the heap (three runs), 0.98-1.00x with them in mappings (three).
     A mapping costs what a large ``malloc`` costs from the system: its pages are faulted in on the first write
     (about 0.25 s a GiB on the 2-core test bed; huge pages would fault less but can stall for seconds compacting).
     """
