@@ -156,8 +156,7 @@ def test_host_copies_of_large_tensors_have_a_mapping_of_their_own_that_goes_with
     w = make(torch.Generator().manual_seed(0))
     copy = keep(w)
     assert copy.dtype == w.dtype and copy.shape == w.shape and copy.stride() == w.stride()
-    assert torch.equal(copy.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else copy,
-                       w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
+    assert torch.equal(copy.float(), w.float())  # float8 has no equal of its own; widening is exact
     large = w.numel() * w.element_size() >= OWN_MAPPING_BYTES
     if not w.numel():
         return
