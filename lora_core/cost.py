@@ -98,27 +98,28 @@ def factored_is_cheaper(factored_macs: int, shape: tuple[int, ...]) -> bool:
     return factored_macs <= shape[0] * dense
 
 
-def bypass_form(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None):
-    """The function bypass would run for this target without a full-size delta (on the meta device: shapes only),
-    or None where it holds and multiplies by the full delta (no factored form, or the dense one is cheaper; so does
+def bypass_macs(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> int | None:
+    """Multiply-adds per row of what bypass runs for this target without a full-size delta (``Adapter.bypass_macs``),
+    None where it holds and multiplies by the full delta (no factored form, or the dense one is cheaper; so does
     MultiheadAttention, whose packed projections are recomputed with full deltas)."""
     module = index.module(target)
     if isinstance(module, nn.MultiheadAttention):
         return None
-    return adapter.low_rank_bypass(LayerOp.of(module, target.part), torch.device("meta"), torch.float32, dyn)
+    return adapter.bypass_macs(LayerOp.of(module, target.part), dyn)
 
 
 def has_low_rank_bypass(adapter: Adapter, index: ModelIndex, target: Target, dyn: int | None) -> bool:
-    """Whether bypass runs this target without a full-size delta (``bypass_form``)."""
-    return bypass_form(adapter, index, target, dyn) is not None
+    """Whether bypass runs this target without a full-size delta (``bypass_macs``)."""
+    return bypass_macs(adapter, index, target, dyn) is not None
 
 
 def layer_cost(adapter: Adapter, index: ModelIndex, target: Target, levels: int, dyn: int | None) -> LayerCost:
     weight_numel = index.weight(target).numel()
-    form = bypass_form(adapter, index, target, dyn)
-    low = form is not None
+    factors = bypass_macs(adapter, index, target, dyn)
+    low = factors is not None
     rows = 4.0 ** -unet_level(block_of(index, target), levels)
-    factors = getattr(form, "macs", None) or sum(t.numel() for t in adapter.tensors())
+    if not low:
+        factors = sum(t.numel() for t in adapter.tensors())
     # a low-rank bypass multiplies each row by its factors once; without a low-rank form, by the full delta.
     # Cross-attention keys/values read the prompt, not the image: computed once per pass (patch.ContextMemo),
     # then each call is the hook and one addition (SD1.5 on the CPU test bed: ~15 us against ~280 us computed)

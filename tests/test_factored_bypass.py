@@ -10,6 +10,7 @@ each row by no more numbers than the dense delta) and the automatic mode's use o
 """
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
@@ -18,10 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lora_core.cost as cost
-from lora_core.adapters.base import (ConvBypass, LayerOp, LinearBypass, OutputBypass, PointwiseConvBypass,
-                                     face_split)
+from lora_core.adapters.base import (Adapter, ConvBypass, LayerOp, LinearBypass, OutputBypass, PointwiseConvBypass,
+                                     face_split, numel)
 from lora_core.adapters.dora import DoraForm
 from lora_core.adapters.ia3 import IA3Form
+from lora_core.adapters.loha import LohaAdapter
 from lora_core.adapters.lokr import KronConvBypass, KronLinearBypass
 from lora_core.adapters.oft import OftForm
 from lora_core.library import LoraLibrary
@@ -40,6 +42,9 @@ A_CASES = ["loha", "loha_tucker", "loha_alpha_missing", "lokr", "lokr_both_decom
            "lokr_tucker", "lokr_factor4", "lokr_w1_decomposed",
            "loha_dora_out", "loha_dora_in", "lokr_dora_out", "lokr_dora_in"]
 B_CASES = ["ia3_out", "ia3_on_input", "oft", "oft_rescaled", "oft_diag_old", "boft", "boft_constrained_rescaled"]
+
+
+COST_MODEL = cost.factored_is_cheaper  # the cost model's own choice, which ``always_factored`` replaces
 
 
 @pytest.fixture(autouse=True)
@@ -481,3 +486,80 @@ def test_a_dora_set_runs_in_bypass_holding_nothing_full_size(spec_id, monkeypatc
                          "merged")
             want = run_unet(fresh_sd1, inputs)
         assert rel_err(got, want) < 1e-5, weight
+
+
+# ---------------------------------------------------------------- the forms' sizes, from shapes
+LORA_SPECS = {"plain": {}, "tucker": dict(tucker=True), "dora_columns": dict(dora=True),
+              "dora_rows": dict(dora=True, dora_on_out=True), "bias": dict(bias=True)}
+
+
+def every_case_network(request, tmp_path):
+    """(case, index, network) for every LyCORIS case of test_lycoris_a/b and kohya LoRAs of each kind."""
+    from lora_factory import LoraSpec, make_kohya_lora
+    indexes = {family: ModelIndex(request.getfixturevalue(f"fresh_{family}")) for family in ("sd1", "sd2")}
+    for seed, (case_id, case) in enumerate(la.CASES.items()):
+        index = indexes[case.family]
+        for role in case.roles:
+            target, net = a_network(index, case_id, role, tmp_path, seed)
+            yield f"{case_id} {role}", index, net
+    for seed, case_id in enumerate(lb.CASES):
+        for role in ROLES:
+            target, net = b_network(indexes["sd1"], case_id, role, tmp_path, seed)
+            yield f"{case_id} {role}", indexes["sd1"], net
+    targets = [la.lycoris_targets(indexes["sd1"])[role] for role in ROLES]
+    gen = torch.Generator().manual_seed(2)
+    wide = {}  # LoHa of a rank the cost model refuses: r1 * r2 * (out + in) > out * in
+    for target in targets:
+        shape = indexes["sd1"].weight_shape(target)
+        rank, rest = max(shape[:2]), numel(shape[1:])
+        for w in ("w1", "w2"):
+            wide[f"{kohya_name_of(indexes['sd1'], target)}.hada_{w}_a"] = torch.randn(shape[0], rank, generator=gen)
+            wide[f"{kohya_name_of(indexes['sd1'], target)}.hada_{w}_b"] = torch.randn(rank, rest, generator=gen)
+    save_file(wide, str(tmp_path / "loha_wide.safetensors"))
+    yield "loha wide", indexes["sd1"], load_network(tmp_path / "loha_wide.safetensors", indexes["sd1"])
+    for seed, (spec_id, spec) in enumerate(LORA_SPECS.items()):
+        path = tmp_path / f"lora_{spec_id}.safetensors"
+        save_file(make_kohya_lora(indexes["sd1"], targets, LoraSpec(rank=4, std=0.5, **spec), seed=seed), str(path))
+        yield f"lora {spec_id}", indexes["sd1"], load_network(path, indexes["sd1"])
+
+
+def macs_mismatches(request, tmp_path) -> tuple[list, Counter]:
+    """Targets where an adapter's ``bypass_macs`` differs from the default's (the form built on the meta device),
+    and a count of what was compared: (adapter class, whether it has a form)."""
+    wrong, seen = [], Counter()
+    for case, index, net in every_case_network(request, tmp_path):
+        for target, adapter in net.adapters.items():
+            module = index.module(target)
+            if isinstance(module, nn.MultiheadAttention):  # never asked: recomputed with full deltas
+                continue
+            op = LayerOp.of(module, target.part)
+            for dyn in (None, 2):
+                got, want = adapter.bypass_macs(op, dyn), Adapter.bypass_macs(adapter, op, dyn)
+                seen[type(adapter).__name__, want is not None] += 1
+                if got != want:
+                    wrong.append((case, target.module, dyn, got, want))
+    return wrong, seen
+
+
+@pytest.mark.parametrize("choice", ["forced", "cost model"])
+def test_shapes_give_each_forms_size_without_building_it(choice, monkeypatch, request, tmp_path):
+    """The first use of a file asks each target what its factored form multiplies per row (the mode choice, the cost
+    model). LoRA, LoHa, LoKr and IA3 answer from their shapes (building the form on the meta device took 0.1-0.3 s
+    for a full-preset SD1.5 LoHa or LoKr): the built form's ``macs``, or None where none is built, in every case,
+    with factored forms forced and with the cost model's own choice, which refuses some here."""
+    if choice == "cost model":
+        monkeypatch.setattr(cost, "factored_is_cheaper", COST_MODEL)
+    wrong, seen = macs_mismatches(request, tmp_path)
+    assert not wrong, wrong[:5]
+    for name in ("LoraAdapter", "LohaAdapter", "LokrAdapter", "IA3Adapter"):
+        assert seen[name, True] > 0, (name, seen)
+    assert seen["LoraAdapter", False] > 0  # a bias: no form
+    assert (seen["LohaAdapter", False] > 0) is (choice == "cost model"), seen  # the wide LoHa
+
+
+def test_a_wrong_size_fails_the_same_check(monkeypatch, request, tmp_path):
+    """LoHa's answer forgetting what its DoRA form adds per row: the comparison above catches it."""
+    monkeypatch.setattr(LohaAdapter, "bypass_macs",
+                        lambda self, op, dyn: self.factored_macs() if self._has_factored_form(op) else None)
+    wrong, _ = macs_mismatches(request, tmp_path)
+    assert wrong and all(case.startswith("loha_dora") for case, *_ in wrong), wrong[:5]

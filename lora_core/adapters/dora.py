@@ -68,8 +68,7 @@ class DoraForm:
 
     @property
     def macs(self) -> int:
-        """Per row: the plain form's, and a multiply per output (rows) or the layer's own op again (columns)."""
-        return self.plain.macs + (self.shape[0] if self.on_out else numel(self.shape))
+        return self.plain.macs + _scaling_macs(self.shape, self.on_out)
 
     def scales(self, weight: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(S, S - 1)`` shaped along the channels they scale, in ``dtype``; computed in float32 when the base
@@ -103,12 +102,32 @@ class DoraForm:
         return h.add_(self.plain(x * s))
 
 
+def _scaling_macs(shape: tuple[int, ...], on_out: bool) -> int:
+    """Per row, beyond the plain form: a multiply per output (rows), or the layer's own op again (columns)."""
+    return shape[0] if on_out else numel(shape)
+
+
+def _form_side(magnitude: torch.Tensor, op: LayerOp, shape: tuple[int, ...]) -> bool | None:
+    """``DoraForm.on_out`` of the form that fits this layer, None where none does (the dense delta)."""
+    on_out = per_output_row(magnitude, shape)
+    if on_out is None or op.is_norm or (not on_out and op.kwargs.get("groups", 1) != 1):
+        return None
+    return on_out
+
+
 def with_dora_form(plain: Bypass | None, plain_delta: Callable[[torch.device], torch.Tensor],
                    magnitude: torch.Tensor | None, op: LayerOp, shape: tuple[int, ...]) -> Bypass | None:
     """``plain`` where the file has no DoRA magnitude; its DoRA form where one fits; else None (the dense delta)."""
     if magnitude is None or plain is None:
         return plain
-    on_out = per_output_row(magnitude, shape)
-    if on_out is None or op.is_norm or (not on_out and op.kwargs.get("groups", 1) != 1):
-        return None
-    return DoraForm(plain, plain_delta, magnitude, op, shape, on_out)
+    on_out = _form_side(magnitude, op, shape)
+    return None if on_out is None else DoraForm(plain, plain_delta, magnitude, op, shape, on_out)
+
+
+def with_dora_macs(plain_macs: int | None, magnitude: torch.Tensor | None, op: LayerOp,
+                   shape: tuple[int, ...]) -> int | None:
+    """``with_dora_form(...).macs`` from the plain form's, without building either."""
+    if magnitude is None or plain_macs is None:
+        return plain_macs
+    on_out = _form_side(magnitude, op, shape)
+    return None if on_out is None else plain_macs + _scaling_macs(shape, on_out)

@@ -68,6 +68,9 @@ class IA3Adapter(Adapter):
         return IA3Form(self.scale.to(torch.float32).to(device=device, dtype=dtype).reshape(-1), self.on_input, op,
                        self.shape)
 
+    def bypass_macs(self, op: LayerOp, dyn: int | None) -> int | None:
+        return None if op.is_norm else IA3Form.macs_of(self.on_input, self.shape)
+
 
 class IA3Form:
     """IA3 from the layer: ``w * (y - b)`` on outputs, ``W0 (w * x)`` on inputs (None where the layer's weight is
@@ -77,7 +80,12 @@ class IA3Form:
 
     def __init__(self, w: torch.Tensor, on_input: bool, op: LayerOp, shape: tuple[int, ...]):
         self.w, self.on_input, self.op = w, on_input, op
-        self.macs = numel(shape) if on_input else shape[0]
+        self.macs = self.macs_of(on_input, shape)
+
+    @staticmethod
+    def macs_of(on_input: bool, shape: tuple[int, ...]) -> int:
+        """Per row: the layer's own op again on the scaled input, or a multiply per output."""
+        return numel(shape) if on_input else shape[0]
 
     def _along_channels(self) -> torch.Tensor:
         return self.w.reshape(-1, 1, 1) if self.op.is_conv else self.w

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, Bypass, LayerOp, TargetInfo, face_split, factored_bypass, fit_shape, numel, scalar
-from .dora import dora_rescale, with_dora_form
+from .dora import dora_rescale, with_dora_form, with_dora_macs
 from .lora import alpha_scale
 
 
@@ -147,17 +147,25 @@ class LohaAdapter(Adapter):
 
     def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
                         dyn: int | None) -> Bypass | None:
-        from ..cost import factored_is_cheaper  # (cost imports the adapters)
-
-        if op.is_norm or not factored_is_cheaper(self.factored_macs(), self.shape):
-            return None
-        if self.t1 is not None and (not op.is_conv or op.kwargs.get("groups", 1) != 1):
+        if not self._has_factored_form(op):
             return None
         up, down, mid = (None if t is None else t.to(dtype) for t in self.factors(device))
         if op.is_conv and mid is None:
             down = down.reshape(down.shape[0], *self.shape[1:])
         plain = factored_bypass(op, down, up, self.scale, mid)
         return with_dora_form(plain, self._plain_delta, self.dora_scale, op, self.shape)
+
+    def _has_factored_form(self, op: LayerOp) -> bool:
+        from ..cost import factored_is_cheaper  # (cost imports the adapters)
+
+        if op.is_norm or not factored_is_cheaper(self.factored_macs(), self.shape):
+            return False
+        return self.t1 is None or (op.is_conv and op.kwargs.get("groups", 1) == 1)
+
+    def bypass_macs(self, op: LayerOp, dyn: int | None) -> int | None:
+        if not self._has_factored_form(op):
+            return None
+        return with_dora_macs(self.factored_macs(), self.dora_scale, op, self.shape)  # the factors' sizes
 
     @property
     def needs_base(self) -> bool:

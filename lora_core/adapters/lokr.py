@@ -34,7 +34,7 @@ from ..errors import UnsupportedLayerError
 import torch.nn.functional as F
 
 from .base import Adapter, Bypass, LayerOp, TargetInfo, fit_shape, numel, scalar
-from .dora import with_dora_form
+from .dora import with_dora_form, with_dora_macs
 from .lora import alpha_scale
 from .loha import cast, tucker_rebuild, with_dora
 
@@ -149,10 +149,8 @@ class LokrAdapter(Adapter):
 
     def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
                         dyn: int | None) -> Bypass | None:
-        from ..cost import factored_is_cheaper  # (cost imports the adapters)
-
-        macs = self.factored_macs(op)
-        if macs is None or not factored_is_cheaper(macs, self.shape):
+        macs = self._form_macs(op)
+        if macs is None:
             return None
         w1 = (self._w1(device, torch.float32) * self.scale).to(dtype)  # the scale folded into the small factor
         w2 = self._w2(device, torch.float32).to(dtype)
@@ -162,6 +160,16 @@ class LokrAdapter(Adapter):
             plain = KronConvBypass(w1, w2.reshape(w2.shape[0], self.shape[1] // self.w1_shape[1], *self.shape[2:]),
                                    op.kwargs, macs)
         return with_dora_form(plain, self._plain_delta, self.dora_scale, op, self.shape)
+
+    def _form_macs(self, op: LayerOp) -> int | None:
+        """``factored_macs`` where bypass runs the Kronecker form, else None."""
+        from ..cost import factored_is_cheaper  # (cost imports the adapters)
+
+        macs = self.factored_macs(op)
+        return macs if macs is not None and factored_is_cheaper(macs, self.shape) else None
+
+    def bypass_macs(self, op: LayerOp, dyn: int | None) -> int | None:
+        return with_dora_macs(self._form_macs(op), self.dora_scale, op, self.shape)
 
 
 class KronLinearBypass:

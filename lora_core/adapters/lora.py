@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, Bypass, LayerOp, TargetInfo, factored_bypass, fit_shape, numel, scalar
-from .dora import dora_rescale, with_dora_form
+from .dora import dora_rescale, with_dora_form, with_dora_macs
 
 
 def alpha_scale(alpha: float | None, rank: int, explicit: float | None = None) -> float:
@@ -59,8 +59,11 @@ class LoraAdapter(Adapter):
         return cls(up, down, mid, scale, params.get("dora_scale"), bias, target)
 
     # ------------------------------------------------------------------ weights
+    def _rank(self, dyn: int | None) -> int:
+        return self.rank if dyn is None else max(0, min(dyn, self.rank))
+
     def _factors(self, device: torch.device, dtype: torch.dtype, dyn: int | None):
-        r = self.rank if dyn is None else max(0, min(dyn, self.rank))
+        r = self._rank(dyn)
         up = self.up.to(device=device, dtype=dtype).reshape(self.up.shape[0], -1)[:, :r]
         down = self.down.to(device=device, dtype=dtype)[:r]
         mid = None if self.mid is None else self.mid.to(device=device, dtype=dtype)[:r, :r]
@@ -108,3 +111,12 @@ class LoraAdapter(Adapter):
             down = down.reshape(down.shape[0], down.shape[1], 1, 1)
         plain = factored_bypass(op, down, up, self.scale, mid)
         return with_dora_form(plain, lambda d: self._plain_delta(d, dyn), self.dora_scale, op, self.shape)
+
+    def bypass_macs(self, op: LayerOp, dyn: int | None) -> int | None:
+        if self.bias is not None or op.is_norm:
+            return None
+        r = self._rank(dyn)  # up (out, r), down (r, in [* k * k]), a Tucker core (r, r, k, k)
+        plain = r * (self.up.shape[0] + numel(self.down.shape[1:]))
+        if self.mid is not None:
+            plain += r * r * numel(self.mid.shape[2:])
+        return with_dora_macs(plain, self.dora_scale, op, self.shape)
