@@ -510,11 +510,11 @@ def every_case_network(request, tmp_path):
     gen = torch.Generator().manual_seed(2)
     wide = {}  # LoHa of a rank the cost model refuses: r1 * r2 * (out + in) > out * in
     for target in targets:
-        shape = indexes["sd1"].weight_shape(target)
+        shape, name = indexes["sd1"].weight_shape(target), kohya_name_of(indexes["sd1"], target)
         rank, rest = max(shape[:2]), numel(shape[1:])
         for w in ("w1", "w2"):
-            wide[f"{kohya_name_of(indexes['sd1'], target)}.hada_{w}_a"] = torch.randn(shape[0], rank, generator=gen)
-            wide[f"{kohya_name_of(indexes['sd1'], target)}.hada_{w}_b"] = torch.randn(rank, rest, generator=gen)
+            wide[f"{name}.hada_{w}_a"] = torch.randn(shape[0], rank, generator=gen)
+            wide[f"{name}.hada_{w}_b"] = torch.randn(rank, rest, generator=gen)
     save_file(wide, str(tmp_path / "loha_wide.safetensors"))
     yield "loha wide", indexes["sd1"], load_network(tmp_path / "loha_wide.safetensors", indexes["sd1"])
     for seed, (spec_id, spec) in enumerate(LORA_SPECS.items()):
