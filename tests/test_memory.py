@@ -12,6 +12,7 @@ Tests marked ``gpu`` need CUDA (``bench/gpu_check.sh`` runs them); here they are
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 
 import pytest
@@ -165,7 +166,7 @@ def test_host_copies_of_large_tensors_have_a_mapping_of_their_own_that_goes_with
     assert region is not None
     # its own mapping: the data begins a page (the allocator puts a header before what it hands out), not in the
     # heap (the kernel may join neighbouring anonymous mappings into one region, so its bounds say nothing)
-    own = address % 4096 == 0 and region[2] != "[heap]"
+    own = address % mmap.PAGESIZE == 0 and region[2] != "[heap]"
     assert own == large
     if large:
         del copy
