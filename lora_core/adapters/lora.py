@@ -104,7 +104,7 @@ class LoraAdapter(Adapter):
 
     def low_rank_bypass(self, op: LayerOp, device: torch.device, dtype: torch.dtype,
                         dyn: int | None) -> Bypass | None:
-        if self.bias is not None or op.is_norm:
+        if not self._has_factored_form(op):
             return None
         up, down, mid = self._factors(device, dtype, dyn)
         if op.is_conv and mid is None and down.dim() == 2:
@@ -112,8 +112,12 @@ class LoraAdapter(Adapter):
         plain = factored_bypass(op, down, up, self.scale, mid)
         return with_dora_form(plain, lambda d: self._plain_delta(d, dyn), self.dora_scale, op, self.shape)
 
+    def _has_factored_form(self, op: LayerOp) -> bool:
+        """A bias delta or a norm layer takes the dense delta."""
+        return self.bias is None and not op.is_norm
+
     def bypass_macs(self, op: LayerOp, dyn: int | None) -> int | None:
-        if self.bias is not None or op.is_norm:
+        if not self._has_factored_form(op):
             return None
         r = self._rank(dyn)  # up (out, r), down (r, in [* k * k]), a Tucker core (r, r, k, k)
         plain = r * (self.up.shape[0] + numel(self.down.shape[1:]))
